@@ -1,0 +1,270 @@
+"""Samplers: closed-form Gaussian data, inversion round trips, parity with
+diffusers' UnCLIPScheduler, guidance and clipping."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UnCLIPScheduler
+
+from gaussian_oracle import exact_model_fn
+from unclip_jax.diffusion import samplers, schedules
+
+M = jnp.array([0.6, -0.5, 0.8])
+S = jnp.array([0.3, 0.5, 0.1])
+FULL_ACP = np.cumprod(1 - schedules.cosine_betas(1000))
+
+
+def _sample(num_steps, sampler, prediction_type, variance_type="fixed_small", eta=0.0, n=8192, seed=0):
+  schedule = schedules.make_schedule("cosine", 1000, num_steps=num_steps)
+  model_fn = exact_model_fn(FULL_ACP, M, S, prediction_type)
+  run = jax.jit(functools.partial(samplers.sample, model_fn, schedule, shape=(n, 3), sampler=sampler, eta=eta,
+                                  prediction_type=prediction_type, variance_type=variance_type))
+  return np.asarray(run(jax.random.key(seed)))
+
+
+def _assert_matches_data(x):
+  np.testing.assert_allclose(x.mean(0), M, rtol=0.05, atol=0)
+  np.testing.assert_allclose(x.std(0), S, rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_1000_steps_recovers_gaussian_data(prediction_type, variance_type):
+  _assert_matches_data(_sample(None, "ddpm", prediction_type, variance_type))
+
+
+def _predicted_std(num_steps, sampler, eta=0.0, variance_type="fixed_small"):
+  """Std of a sampler's output for Gaussian data with the exact model, in closed form.
+
+  With Gaussian data every step is affine in x: x' - sqrt(a') m =
+  g (x - sqrt(a) m) + sigma z, so the variance follows V' = g^2 V + sigma^2 from
+  V = 1 at x_T. The result differs from S by the chain's discretisation error alone.
+  """
+  c = schedules.chain_constants(FULL_ACP, schedules.respaced_timesteps(1000, num_steps))
+  s2 = np.asarray(S, np.float64) ** 2
+  var = np.ones_like(s2)
+  for i in reversed(range(num_steps)):
+    a, a_prev = c["alphas_cumprod"][i], c["alphas_cumprod_prev"][i]
+    x0_gain = np.sqrt(a) * s2 / (a * s2 + 1 - a)  # d E[x0 | x_t] / d x_t
+    if sampler == "ddim":
+      sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+      eps_gain = (1 - np.sqrt(a) * x0_gain) / np.sqrt(1 - a)
+      g = np.sqrt(a_prev) * x0_gain + np.sqrt(max(1 - a_prev - sigma ** 2, 0)) * eps_gain
+    else:
+      g = c["posterior_mean_coef1"][i] * x0_gain + c["posterior_mean_coef2"][i]
+      fixed_large = c["betas"][i] if i > 0 else 0.0
+      sigma = np.sqrt(c["posterior_variance"][i] if variance_type == "fixed_small" else fixed_large)
+    var = g ** 2 * var + sigma ** 2
+  return np.sqrt(var)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_50_steps_matches_closed_form(prediction_type, eta):
+  x = _sample(50, "ddim", prediction_type, eta=eta)
+  np.testing.assert_allclose(x.mean(0), M, rtol=0.05, atol=0)
+  np.testing.assert_allclose(x.std(0), _predicted_std(50, "ddim", eta), rtol=0.02, atol=0)
+  if eta == 0.0:  # deterministic DDIM's bias stays within 5% where s is not tiny
+    np.testing.assert_allclose(x.std(0)[:2], S[:2], rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_respaced_ddpm_matches_closed_form(variance_type):
+  x = _sample(64, "ddpm", "x0", variance_type)
+  np.testing.assert_allclose(x.mean(0), M, rtol=0.05, atol=0)
+  np.testing.assert_allclose(x.std(0), _predicted_std(64, "ddpm", variance_type=variance_type), rtol=0.02)
+  # ... and with all 1000 steps the chain's own bias is gone.
+  np.testing.assert_allclose(_predicted_std(1000, "ddpm", variance_type=variance_type), S, rtol=0.025)
+
+
+def test_samplers_are_deterministic_per_key():
+  a = _sample(20, "ddpm", "eps", n=16, seed=1)
+  b = _sample(20, "ddpm", "eps", n=16, seed=1)
+  c = _sample(20, "ddpm", "eps", n=16, seed=2)
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 1e-2
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_ddim_inversion_round_trip(prediction_type):
+  schedule = schedules.make_schedule("cosine", 1000, num_steps=50)
+  model_fn = exact_model_fn(FULL_ACP, M, S, prediction_type)
+  x0 = M + S * jax.random.normal(jax.random.key(3), (256, 3))
+
+  def round_trip(x0, iters):
+    x_T = samplers.ddim_invert(model_fn, schedule, x0, prediction_type=prediction_type, fixed_point_iters=iters)
+    return samplers.sample(model_fn, schedule, jax.random.key(0), x_T, sampler="ddim", eta=0.0,
+                           prediction_type=prediction_type), x_T
+
+  rec, x_T = jax.jit(round_trip, static_argnums=1)(x0, 8)
+  rel = float(jnp.linalg.norm(rec - x0) / jnp.linalg.norm(x0))
+  assert rel < 1e-4
+  # For Gaussian data deterministic DDIM is an affine map with gain
+  # _predicted_std(50) (x_T ~ N(0, 1) -> x_0), so the latent's spread is known.
+  np.testing.assert_allclose(np.std(x_T, 0), np.std(x0, 0) / _predicted_std(50, "ddim"), rtol=1e-3)
+  rec_plain, _ = jax.jit(round_trip, static_argnums=1)(x0, 0)
+  rel_plain = float(jnp.linalg.norm(rec_plain - x0) / jnp.linalg.norm(x0))
+  assert rel_plain > 1e-3  # plain inversion is only approximate
+
+
+def _torch_model(x, t):
+  """A smooth nonlinear stand-in model in NCHW; mirrored by _jax_model."""
+  return torch.tanh(0.7 * x + 0.3 * torch.roll(x, 1, dims=1) + t / 1000.0)
+
+
+def _jax_model(x, t):  # NHWC
+  t = t.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+  return jnp.tanh(0.7 * x + 0.3 * jnp.roll(x, 1, axis=-1) + t / 1000.0)
+
+
+def _float64_unclip_scheduler(num_steps, **config):
+  """diffusers' UnCLIPScheduler with its constants in float64.
+
+  In float32 its step loses precision where it forms 1 - abar near t = 0 and
+  1 - beta near t = T (errors up to 1e-3 at the first and last step). In
+  float64 it is an exact reference for the algorithm; ours derives those
+  constants in float64 and agrees with it to float32 precision.
+  """
+  ref = UnCLIPScheduler(**config)
+  ref.betas = ref.betas.double()
+  ref.alphas = 1.0 - ref.betas
+  ref.alphas_cumprod = torch.cumprod(ref.alphas, dim=0)
+  ref.one = torch.tensor(1.0, dtype=torch.float64)
+  ref.set_timesteps(num_steps)
+  return ref
+
+
+def _chain_like(ref, num_steps):
+  return schedules.schedule_from_alphas_cumprod(ref.alphas_cumprod.numpy(),
+                                                schedules.respaced_timesteps(1000, num_steps), 1000)
+
+
+@pytest.mark.parametrize("variance_type,prediction_type,clip", [
+    ("learned_range", "epsilon", 1.0),   # Karlo's decoder
+    ("fixed_small_log", "epsilon", 1.0), # Karlo's upsamplers
+    ("fixed_small_log", "sample", 5.0),  # Karlo's prior
+])
+def test_step_matches_unclip_scheduler(variance_type, prediction_type, clip):
+  num_steps, channels = 7, 3
+  ref = _float64_unclip_scheduler(num_steps, variance_type=variance_type, prediction_type=prediction_type,
+                                  clip_sample_range=clip)
+  ours = _chain_like(ref, num_steps)
+  out_channels = 2 * channels if variance_type == "learned_range" else channels
+  rng = np.random.default_rng(0)
+  for k, t in enumerate(ref.timesteps.tolist()):
+    prev = None if k + 1 == num_steps else ref.timesteps[k + 1].item()
+    x = rng.standard_normal((2, channels, 4, 4)).astype(np.float32) * 2
+    out = rng.standard_normal((2, out_channels, 4, 4)).astype(np.float32)
+    if variance_type == "learned_range":
+      out[:, channels:] = np.tanh(out[:, channels:])
+    noise = rng.standard_normal((2, channels, 4, 4))
+    expected = ref.step(torch.from_numpy(out).double(), t, torch.from_numpy(x).double(), prev_timestep=prev,
+                        generator=_FixedNoise(torch.from_numpy(noise))).prev_sample.numpy()
+    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1), jnp.float32)
+    got, _ = samplers.ddpm_step(
+        ours, num_steps - 1 - k, nhwc(x), nhwc(out), nhwc(noise),
+        prediction_type={"epsilon": "eps", "sample": "x0"}[prediction_type],
+        variance_type={"fixed_small_log": "fixed_small"}.get(variance_type, variance_type), clip_range=clip)
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=1e-5)
+
+
+def test_guided_respaced_chain_matches_diffusers_loop():
+  """A whole learned-range, guided, respaced chain against a Python loop over
+  UnCLIPScheduler, with the same initial and per-step noise."""
+  num_steps, batch, channels, scale = 9, 2, 3, 4.0
+  ref = _float64_unclip_scheduler(num_steps, variance_type="learned_range", prediction_type="epsilon")
+  gen = torch.Generator().manual_seed(0)
+  x_T = torch.randn((batch, channels, 4, 4), generator=gen, dtype=torch.float64)
+  noises = torch.randn((num_steps, batch, channels, 4, 4), generator=gen, dtype=torch.float64)
+  cond = torch.tensor([0.5, -0.2], dtype=torch.float64).reshape(batch, 1, 1, 1)
+
+  def torch_model(x, t, c):
+    eps = _torch_model(x + c, t)
+    return torch.cat([eps, torch.tanh(x - c)], dim=1)
+
+  x = x_T.clone()
+  for k, t in enumerate(ref.timesteps.tolist()):
+    both = torch_model(torch.cat([x, x]), t, torch.cat([cond, torch.zeros_like(cond)]))
+    cond_out, uncond_out = both.chunk(2)
+    guided = uncond_out[:, :channels] + scale * (cond_out[:, :channels] - uncond_out[:, :channels])
+    out = torch.cat([guided, cond_out[:, channels:]], dim=1)
+    prev = None if k + 1 == num_steps else ref.timesteps[k + 1].item()
+    noise_gen = _FixedNoise(noises[k])
+    x = ref.step(out, t, x, prev_timestep=prev, generator=noise_gen).prev_sample
+
+  def jax_model(x, t, c):
+    c = c.reshape(-1, 1, 1, 1)
+    return jnp.concatenate([_jax_model(x + c, t), jnp.tanh(x - c)], axis=-1)
+
+  nhwc = lambda a: jnp.asarray(a.numpy().transpose(0, 2, 3, 1), jnp.float32)
+  model_fn = samplers.classifier_free_guidance(jax_model, jnp.array([0.5, -0.2]), jnp.zeros(2), scale,
+                                               guided_channels=channels)
+  ours = _chain_like(ref, num_steps)
+  got = jax.jit(lambda: samplers.sample(
+      model_fn, ours, jax.random.key(0), nhwc(x_T), sampler="ddpm", variance_type="learned_range",
+      clip_range=1.0, step_noise=jnp.stack([nhwc(n) for n in noises])))()
+  np.testing.assert_allclose(np.asarray(got), nhwc(x), rtol=0, atol=1e-4)
+
+
+class _FixedNoise:
+  """Stands in for a torch generator: the scheduler's next randn draw is `noise`."""
+
+  def __init__(self, noise):
+    self.noise = noise
+
+
+@pytest.fixture(autouse=True)
+def _patch_randn_tensor(monkeypatch):
+  import diffusers.schedulers.scheduling_unclip as unclip_module
+  original = unclip_module.randn_tensor
+
+  def randn_tensor(shape, generator=None, **kwargs):
+    if isinstance(generator, _FixedNoise):
+      return generator.noise.reshape(shape)
+    return original(shape, generator=generator, **kwargs)
+
+  monkeypatch.setattr(unclip_module, "randn_tensor", randn_tensor)
+
+
+def test_guidance_equals_separate_calls():
+  def model_fn(x, t, cond):
+    return jnp.concatenate([jnp.sin(x * cond["a"][:, None]) + t[:, None] / 100, jnp.cos(x)], axis=-1)
+
+  x = jax.random.normal(jax.random.key(0), (3, 2))
+  t = jnp.array([5, 6, 7])
+  cond, uncond = {"a": jnp.array([1.0, 2.0, 3.0])}, {"a": jnp.zeros(3)}
+  scale = jnp.array([1.0, 3.0, 7.5])
+  got = samplers.classifier_free_guidance(model_fn, cond, uncond, scale, guided_channels=2)(x, t)
+  c, u = model_fn(x, t, cond), model_fn(x, t, uncond)
+  expected_mean = u[:, :2] + scale[:, None] * (c[:, :2] - u[:, :2])
+  np.testing.assert_allclose(got[:, :2], expected_mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got[:, 2:], c[:, 2:], rtol=1e-6)
+  # scale 1 is the conditional model
+  np.testing.assert_allclose(samplers.classifier_free_guidance(model_fn, cond, uncond, 1.0)(x, t), c,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_static_clip_and_dynamic_threshold():
+  x0 = jax.random.normal(jax.random.key(0), (4, 8, 8, 3)) * jnp.array([0.5, 2.0, 3.0, 0.9])[:, None, None, None]
+  np.testing.assert_array_equal(samplers.clip_x0(x0, 1.0), np.clip(np.asarray(x0), -1, 1))
+  got = np.asarray(samplers.clip_x0(x0, None, 0.9))
+  flat = np.abs(np.asarray(x0).reshape(4, -1))
+  s = np.maximum(np.quantile(flat, 0.9, axis=1), 1.0)[:, None, None, None]
+  np.testing.assert_allclose(got, np.clip(np.asarray(x0), -s, s) / s, rtol=1e-5, atol=1e-6)
+  assert np.abs(got).max() <= 1.0 + 1e-6
+  # samples already inside [-1, 1] at the quantile are only clipped, not rescaled
+  np.testing.assert_allclose(got[0], np.clip(np.asarray(x0[0]), -1, 1), rtol=1e-6)
+
+
+def test_progress_bar_reaches_the_end(capsys):
+  schedule = schedules.make_schedule("cosine", 1000, num_steps=12)
+  run = jax.jit(lambda key: samplers.sample(lambda x, t: x * 0, schedule, key, shape=(2, 3),
+                                            progress_desc="denoise"))
+  jax.block_until_ready(run(jax.random.key(0)))
+  jax.effects_barrier()
+  err = capsys.readouterr().err
+  assert "denoise" in err and "12/12" in err

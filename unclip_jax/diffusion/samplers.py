@@ -1,0 +1,195 @@
+"""DDPM and DDIM sampling, DDIM inversion and classifier-free guidance.
+
+A model function is `model_fn(x, t) -> output` with x [B, ..., C], t [B] int32
+training timesteps, and output [B, ..., C] (or [B, ..., 2C] with a learned
+variance, the variance channels last). Samplers are plain functions meant to be
+called under one `jax.jit`: the step loop is a `lax.scan`, so a whole chain
+compiles once and runs without returning to Python.
+"""
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.diffusion import gaussian
+from unclip_jax.diffusion import progress
+from unclip_jax.diffusion.schedules import Schedule
+
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def clip_x0(x0, clip_range: Optional[float] = None, dynamic_threshold: Optional[float] = None):
+  """Keeps the predicted x_0 in range.
+
+  clip_range: clamp to [-r, r].
+  dynamic_threshold: Imagen's dynamic thresholding with this quantile p of |x_0|
+    per sample: s = max(quantile_p |x_0|, r), clamp to [-s, s], rescale to r
+    (r = clip_range or 1).
+  """
+  if dynamic_threshold is not None:
+    limit = 1.0 if clip_range is None else clip_range
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.maximum(jnp.quantile(flat, dynamic_threshold, axis=1), limit)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) * (limit / s)
+  if clip_range is not None:
+    return jnp.clip(x0, -clip_range, clip_range)
+  return x0
+
+
+def _step_index(i, x):
+  return jnp.broadcast_to(jnp.asarray(i, jnp.int32), (x.shape[0],))
+
+
+def predict_x0_eps(schedule: Schedule, i, x_t, model_output, *, prediction_type: str,
+                   variance_type: str, clip_range=None, dynamic_threshold=None):
+  """(x0, eps, variance output) read from a model output at step index i."""
+  i = _step_index(i, x_t)
+  mean_out, var_out = gaussian.split_model_output(model_output, x_t.shape[-1], variance_type)
+  x0 = gaussian.predict_x0(schedule, x_t, i, mean_out, prediction_type)
+  x0 = clip_x0(x0, clip_range, dynamic_threshold)
+  eps = gaussian.eps_from_x0(schedule, x_t, i, x0)
+  return x0, eps, var_out
+
+
+def ddpm_step(schedule: Schedule, i, x_t, model_output, noise, *, prediction_type: str = "eps",
+              variance_type: str = "fixed_small", clip_range=None, dynamic_threshold=None):
+  """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise at i = 0.
+
+  Returns (x_prev, x0_pred).
+  """
+  idx = _step_index(i, x_t)
+  x0, _, var_out = predict_x0_eps(schedule, idx, x_t, model_output, prediction_type=prediction_type,
+                                  variance_type=variance_type, clip_range=clip_range,
+                                  dynamic_threshold=dynamic_threshold)
+  mean, _ = gaussian.q_posterior(schedule, x0, x_t, idx)
+  log_var = gaussian.model_log_variance(schedule, idx, x_t.ndim, variance_type, var_out)
+  nonzero = (idx > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
+  return mean + nonzero * jnp.exp(0.5 * log_var) * noise, x0
+
+
+def ddim_step(schedule: Schedule, i, x_t, model_output, noise, *, eta: float = 0.0,
+              prediction_type: str = "eps", variance_type: str = "fixed_small", clip_range=None,
+              dynamic_threshold=None):
+  """One DDIM step (Song et al. 2021, eq. 12); eta = 1 matches DDPM's posterior
+  variance, eta = 0 is deterministic. Returns (x_prev, x0_pred)."""
+  idx = _step_index(i, x_t)
+  x0, eps, _ = predict_x0_eps(schedule, idx, x_t, model_output, prediction_type=prediction_type,
+                              variance_type=variance_type, clip_range=clip_range,
+                              dynamic_threshold=dynamic_threshold)
+  abar = gaussian.extract(schedule.alphas_cumprod, idx, x_t.ndim)
+  abar_prev = gaussian.extract(schedule.alphas_cumprod_prev, idx, x_t.ndim)
+  sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+  mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma ** 2, 0.0)) * eps
+  return mean + sigma * noise, x0
+
+
+def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, sampler: str = "ddpm",
+           eta: float = 0.0, prediction_type: str = "eps", variance_type: str = "fixed_small",
+           clip_range: Optional[float] = None, dynamic_threshold: Optional[float] = None,
+           step_noise=None, progress_desc: Optional[str] = None):
+  """Runs the reverse chain from x_T (or fresh noise of `shape`) to x_0.
+
+  Per-step noise is drawn from fold_in(rng, step), so it does not depend on how
+  many steps ran before. `step_noise` [K, *x.shape] replaces it (k-th step
+  taken uses step_noise[k]), for exact comparison with other implementations.
+  """
+  if sampler not in ("ddpm", "ddim"):
+    raise ValueError(f"Unknown sampler {sampler!r}; expected 'ddpm' or 'ddim'.")
+  init_rng, step_rng = jax.random.split(rng)
+  if x_T is None:
+    if shape is None:
+      raise ValueError("Pass x_T or shape.")
+    x_T = jax.random.normal(init_rng, shape, jnp.float32)
+  num_steps = schedule.num_steps
+  kwargs = dict(prediction_type=prediction_type, variance_type=variance_type,
+                clip_range=clip_range, dynamic_threshold=dynamic_threshold)
+
+  def body(x, k):
+    i = num_steps - 1 - k
+    t = jnp.broadcast_to(schedule.timesteps[i], (x.shape[0],))
+    out = model_fn(x, t)
+    if step_noise is None:
+      noise = jax.random.normal(jax.random.fold_in(step_rng, k), x.shape, x.dtype)
+    else:
+      noise = step_noise[k].astype(x.dtype)
+    if sampler == "ddpm":
+      x, _ = ddpm_step(schedule, i, x, out, noise, **kwargs)
+    else:
+      x, _ = ddim_step(schedule, i, x, out, noise, eta=eta, **kwargs)
+    progress.report_step(k, num_steps, progress_desc)
+    return x, None
+
+  x, _ = jax.lax.scan(body, x_T, jnp.arange(num_steps))
+  return x
+
+
+def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: str = "eps",
+                variance_type: str = "fixed_small", fixed_point_iters: int = 0,
+                progress_desc: Optional[str] = None):
+  """Deterministic DDIM encoding x_0 -> x_T (the state at the chain's last step).
+
+  Plain inversion (fixed_point_iters=0) reads the model at the previous, less
+  noisy state, so a DDIM decode only approximately retraces it. Each fixed-point
+  iteration instead solves DDIM(x_k) = x_{k-1} for x_k with the model read at
+  x_k itself, as the decoder will read it, so decode(invert(x)) converges to x.
+  The equation is iterated in the form that contracts: through the predicted
+  noise where the signal dominates (abar > 1/2) and through the predicted x_0
+  where the noise does, since each prediction barely moves with x there.
+  """
+  num_steps = schedule.num_steps
+  kwargs = dict(prediction_type=prediction_type, variance_type=variance_type)
+
+  def step(x_prev, k):
+    t = jnp.broadcast_to(schedule.timesteps[k], (x_prev.shape[0],))
+    abar, abar_prev = schedule.alphas_cumprod[k], schedule.alphas_cumprod_prev[k]
+
+    def predict(x):
+      x0_pred, eps, _ = predict_x0_eps(schedule, k, x, model_fn(x, t), **kwargs)
+      return x0_pred, eps
+
+    def solve_through_eps(eps):  # x_k whose DDIM step with this eps lands on x_prev
+      x0_hat = (x_prev - jnp.sqrt(1.0 - abar_prev) * eps) / jnp.sqrt(abar_prev)
+      return jnp.sqrt(abar) * x0_hat + jnp.sqrt(1.0 - abar) * eps
+
+    def solve_through_x0(x0_pred):  # the same, given x0 (needs abar_prev < 1)
+      ratio = jnp.sqrt((1.0 - abar) / jnp.maximum(1.0 - abar_prev, 1e-20))
+      return ratio * (x_prev - jnp.sqrt(abar_prev) * x0_pred) + jnp.sqrt(abar) * x0_pred
+
+    def refine(_, x):
+      x0_pred, eps = predict(x)
+      return jnp.where(abar > 0.5, solve_through_eps(eps), solve_through_x0(x0_pred))
+
+    x_next = solve_through_eps(predict(x_prev)[1])
+    x_next = jax.lax.fori_loop(0, fixed_point_iters, refine, x_next)
+    progress.report_step(k, num_steps, progress_desc)
+    return x_next, None
+
+  x, _ = jax.lax.scan(step, x0, jnp.arange(num_steps))
+  return x
+
+
+def classifier_free_guidance(model_fn: Callable, cond, uncond, scale, *, guided_channels: Optional[int] = None
+                             ) -> ModelFn:
+  """A model function that evaluates cond and uncond in one batched call and
+  returns uncond + scale * (cond - uncond).
+
+  model_fn(x, t, conditioning) takes any pytree of [B, ...] conditioning arrays.
+  scale is a scalar or [B] (one guidance scale per sample). guided_channels
+  limits guidance to the first channels (the mean of a learned-variance model);
+  the remaining channels come from the conditional branch, as in GLIDE.
+  """
+  both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
+
+  def guided(x, t):
+    batch = x.shape[0]
+    out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
+    out_cond, out_uncond = out[:batch], out[batch:]
+    s = jnp.asarray(scale, out.dtype)
+    s = jnp.broadcast_to(s, (batch,)).reshape((batch,) + (1,) * (out.ndim - 1))
+    n = out.shape[-1] if guided_channels is None else guided_channels
+    mixed = out_uncond[..., :n] + s * (out_cond[..., :n] - out_uncond[..., :n])
+    return jnp.concatenate([mixed, out_cond[..., n:]], axis=-1)
+
+  return guided
