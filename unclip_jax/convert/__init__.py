@@ -1,0 +1,1 @@
+"""Weight converters from diffusers / transformers checkpoints to our params."""

@@ -1,0 +1,1 @@
+"""Input pipelines and conditioning augmentation."""

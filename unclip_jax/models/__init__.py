@@ -1,0 +1,1 @@
+"""Flax (linen) models: frozen CLIP, the diffusion prior and the U-Nets."""
