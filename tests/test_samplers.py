@@ -207,7 +207,7 @@ def test_guided_respaced_chain_matches_diffusers_loop():
   got = jax.jit(lambda: samplers.sample(
       model_fn, ours, jax.random.key(0), nhwc(x_T), sampler="ddpm", variance_type="learned_range",
       clip_range=1.0, step_noise=jnp.stack([nhwc(n) for n in noises])))()
-  np.testing.assert_allclose(np.asarray(got), nhwc(x), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(got), nhwc(x), rtol=0, atol=1e-5)
 
 
 class _FixedNoise:

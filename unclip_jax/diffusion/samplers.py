@@ -103,6 +103,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
       raise ValueError("Pass x_T or shape.")
     x_T = jax.random.normal(init_rng, shape, jnp.float32)
   num_steps = schedule.num_steps
+  deterministic = sampler == "ddim" and isinstance(eta, (int, float)) and eta == 0
   kwargs = dict(prediction_type=prediction_type, variance_type=variance_type,
                 clip_range=clip_range, dynamic_threshold=dynamic_threshold)
 
@@ -110,10 +111,12 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
     i = num_steps - 1 - k
     t = jnp.broadcast_to(schedule.timesteps[i], (x.shape[0],))
     out = model_fn(x, t)
-    if step_noise is None:
-      noise = jax.random.normal(jax.random.fold_in(step_rng, k), x.shape, x.dtype)
-    else:
+    if step_noise is not None:
       noise = step_noise[k].astype(x.dtype)
+    elif deterministic:
+      noise = jnp.zeros((), x.dtype)  # no draw: random bits cost more than the step itself
+    else:
+      noise = jax.random.normal(jax.random.fold_in(step_rng, k), x.shape, x.dtype)
     if sampler == "ddpm":
       x, _ = ddpm_step(schedule, i, x, out, noise, **kwargs)
     else:
