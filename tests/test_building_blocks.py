@@ -1,0 +1,80 @@
+"""Shared pieces: timestep embedding, the tensor reader's errors, AdamW and EMA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+
+from unclip_jax import optim
+from unclip_jax.convert import common
+from unclip_jax.models import layers
+
+
+@pytest.mark.parametrize("dim,flip,shift", [(32, True, 0.0), (33, False, 1.0)])
+def test_timestep_embedding_matches_diffusers(dim, flip, shift):
+  t = np.array([0, 1, 17, 500, 999], np.float32)
+  ours = layers.timestep_embedding(jnp.asarray(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+  ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+  # sin/cos of arguments up to ~1000 rad: float32 range reduction differs by a few ulp of 1000.
+  np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=0, atol=1e-4)
+
+
+def test_tensor_reader_names_every_problem():
+  target = {"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)}, "norm": {"scale": jnp.zeros(4)}}
+  state = {"fc.weight": np.zeros((4, 5)), "fc.bias": np.zeros(4), "extra.weight": np.zeros(1)}
+  reader = common.TensorReader(state, source="test.safetensors")
+  reader.put(("dense", "kernel"), "fc.weight", common.linear)
+  reader.put(("dense", "bias"), "fc.bias")
+  reader.put(("norm", "scale"), "ln.weight")
+  with pytest.raises(common.ConversionError) as err:
+    reader.finish(target)
+  msg = str(err.value)
+  assert "test.safetensors" in msg
+  assert "missing tensor 'ln.weight'" in msg
+  assert "dense/kernel: checkpoint shape (5, 4), model expects (3, 4)" in msg
+  assert "unused tensor 'extra.weight'" in msg
+  assert "model parameter norm/scale was not filled" in msg
+
+
+def test_tensor_reader_converts_layouts():
+  w = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)  # torch conv [out, in, kh, kw]
+  reader = common.TensorReader({"conv.weight": w, "fc.weight": np.ones((4, 3))})
+  reader.put(("conv", "kernel"), "conv.weight", common.conv2d)
+  reader.put(("fc", "kernel"), "fc.weight", common.linear)
+  params = reader.finish({"conv": {"kernel": np.zeros((2, 2, 3, 2))}, "fc": {"kernel": np.zeros((3, 4))}})
+  assert params["conv"]["kernel"][1, 0, 2, 1] == w[1, 2, 1, 0]
+
+
+def test_paper_adamw_is_adamw_with_table_3_settings():
+  params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([1.0, 1.0])}
+  grads = {"w": jnp.array([[0.1, -0.2], [0.3, 0.05]]), "b": jnp.array([0.2, -0.1])}
+  tx = optim.paper_adamw("prior", learning_rate=1e-2, grad_clip_norm=None)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  hp = optim.PAPER_HPARAMS["prior"]
+  for name, decay in (("w", hp["weight_decay"]), ("b", 0.0)):  # no decay on vectors
+    g, p = grads[name], params[name]
+    m, v = 0.1 * g / (1 - 0.9), (1 - hp["b2"]) * g ** 2 / (1 - hp["b2"])
+    expected = -1e-2 * (m / (jnp.sqrt(v) + hp["eps"]) + decay * p)
+    np.testing.assert_allclose(updates[name], expected, rtol=1e-5)
+
+
+def test_global_norm_clipping_and_schedules():
+  tx = optim.adamw(1.0, grad_clip_norm=0.5)
+  state = tx.init({"w": jnp.zeros(2)})
+  clipped, _ = tx.update({"w": jnp.array([3.0, 4.0])}, state, {"w": jnp.zeros(2)})
+  assert np.all(np.isfinite(clipped["w"]))
+  sched = optim.learning_rate_schedule(1.0, warmup_steps=10, decay="cosine", total_steps=110)
+  np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(60), sched(110)], [0, 0.5, 1, 0.5, 0],
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="total_steps"):
+    optim.learning_rate_schedule(1.0, decay="cosine")
+
+
+def test_ema_update_closed_form():
+  ema, params = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+  for _ in range(10):
+    ema = optim.ema_update(ema, params, 0.9)
+  np.testing.assert_allclose(ema["w"], 1 - 0.9 ** 10, rtol=1e-6)
