@@ -1,0 +1,502 @@
+"""The unCLIP U-Nets: the 64 px decoder and the two upsamplers, in one module.
+
+One `UNet`, configured by a frozen `UNetConfig`, expresses both diffusers
+models Karlo ships:
+
+* the decoder, diffusers' `UNet2DConditionModel` with ResnetDownsampleBlock2D /
+  SimpleCrossAttn{Down,Up}Block2D / UNetMidBlock2DSimpleCrossAttn: resnet
+  blocks that resample themselves, scale-shift (AdaGN) time conditioning,
+  "added KV" attention (projected text tokens concatenated in front of the
+  self-attention keys and values), an identity class embedding that adds the
+  CLIP time term, and 6 output channels (eps + learned variance range).
+  `UnCLIPTextProjModel` lives here too (`TextProj`): it turns z_i, z_t and
+  the CLIP text tokens into the attention context and the time addition.
+* the upsamplers, diffusers' `UNet2DModel` with ResnetDownsampleBlock2D /
+  ResnetUpsampleBlock2D and no attention; the low-res image is resized to the
+  output size and concatenated on channels.
+
+Parameter names follow diffusers' module names with "." before an index
+replaced by "_" (down_blocks_0/resnets_1/conv1), so the converter in
+unclip_jax/convert/diffusers_unet.py is a renaming plus transposes.
+Layout is NHWC throughout.
+"""
+
+import dataclasses
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.layers import TimestepMLP, timestep_embedding
+
+# diffusers' Attention builds its GroupNorm with this eps whatever the resnets use.
+ATTENTION_NORM_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class TextProjConfig:
+  """UnCLIPTextProjModel: z_i / z_t width, text-token width and extra tokens."""
+  clip_dim: int = 768
+  text_dim: Optional[int] = None  # width of the text-token encodings; None: clip_dim
+  extra_tokens: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Shapes and options of one U-Net (see the named configs at the bottom)."""
+  block_channels: tuple[int, ...] = (320, 640, 960, 1280)
+  layers_per_block: int = 3
+  attention_levels: tuple[bool, ...] = (False, True, True, True)  # per resolution, high to low
+  mid_attention: bool = True
+  head_dim: int = 64
+  in_channels: int = 3  # channels of x (the noisy image)
+  low_res_channels: int = 0  # upsamplers: channels of the low-res conditioning image
+  out_channels: int = 3  # 6 = eps and variance interpolation ("learned_range")
+  context_dim: Optional[int] = None  # width of the attention context (diffusers' cross_attention_dim)
+  text_proj: Optional[TextProjConfig] = None  # the decoder's CLIP conditioning
+  encoder_hid_dim: Optional[int] = None  # diffusers' optional "text_proj" encoder_hid_proj
+  time_embed_dim: Optional[int] = None  # None: 4 * block_channels[0]
+  scale_shift: bool = True  # resnet_time_scale_shift "scale_shift" (AdaGN) vs "default"
+  norm_groups: int = 32
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise every resnet and attention block in the backward pass
+  attention_impl: Optional[str] = None  # jax.nn.dot_product_attention implementation ("xla", "cudnn", None)
+
+  @property
+  def levels(self) -> int:
+    return len(self.block_channels)
+
+  @property
+  def temb_dim(self) -> int:
+    return self.time_embed_dim or 4 * self.block_channels[0]
+
+  def validate(self) -> "UNetConfig":
+    n = self.levels
+    if n < 1 or self.layers_per_block < 1:
+      raise ValueError("UNetConfig needs at least one level and one layer per block.")
+    if len(self.attention_levels) != n:
+      raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for {n} levels.")
+    for c in self.block_channels:
+      if c % self.norm_groups:
+        raise ValueError(f"block channel count {c} is not divisible by norm_groups={self.norm_groups}.")
+    uses_attention = any(self.attention_levels) or self.mid_attention
+    if uses_attention:
+      if self.context_dim is None:
+        raise ValueError("Attention blocks need context_dim (the width of the text context).")
+      for c, a in zip(self.block_channels, self.attention_levels):
+        if a and c < self.head_dim:
+          raise ValueError(f"head_dim {self.head_dim} is larger than the {c} channels of an attention level.")
+    if self.text_proj is not None and not uses_attention:
+      raise ValueError("text_proj is set but no level has attention to read the context.")
+    if self.low_res_channels < 0 or self.in_channels < 1 or self.out_channels < 1:
+      raise ValueError("in_channels/out_channels must be positive and low_res_channels non-negative.")
+    for name in ("dtype", "param_dtype"):
+      jnp.dtype(getattr(self, name))  # raises TypeError on unknown names
+    return self
+
+
+def _group_norm(groups, eps, dtype, param_dtype, name):
+  # Two-pass variance: closer to torch's GroupNorm than E[x^2] - E[x]^2.
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=False, name=name)
+
+
+def _conv(features, kernel, dtype, param_dtype, name):
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=dtype,
+                 param_dtype=param_dtype, name=name)
+
+
+class ResBlock(nn.Module):
+  """diffusers' ResnetBlock2D: GN-SiLU-(resample)-conv, time via scale-shift or add,
+  GN-SiLU-dropout-conv, 1x1 shortcut when the width changes."""
+  out_channels: int
+  scale_shift: bool
+  groups: int
+  eps: float
+  dropout: float = 0.0
+  deterministic: bool = True
+  resample: Optional[str] = None  # "up" (nearest x2) | "down" (2x2 average) | None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb):  # x [B, H, W, Cin], temb [B, E]
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.silu(_group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm1")(x))
+    if self.resample == "up":
+      x, h = _upsample_nearest(x), _upsample_nearest(h)
+    elif self.resample == "down":
+      x, h = _avg_pool(x), _avg_pool(h)
+    h = _conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv1")(h)  # [B, H, W, C]
+    t = dense(self.out_channels * (2 if self.scale_shift else 1), name="time_emb_proj")(nn.silu(temb))
+    t = t[:, None, None, :]
+    norm2 = _group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm2")
+    if self.scale_shift:
+      scale, shift = jnp.split(t, 2, axis=-1)
+      h = norm2(h) * (1 + scale) + shift
+    else:
+      h = norm2(h + t)
+    h = nn.silu(h)
+    if self.dropout > 0:
+      h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    h = _conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, self.dtype, self.param_dtype, "conv_shortcut")(x)
+    return x.astype(h.dtype) + h
+
+
+def _upsample_nearest(x):  # [B, H, W, C] -> [B, 2H, 2W, C]
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avg_pool(x):  # [B, H, W, C] -> [B, H/2, W/2, C]
+  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+class AddedKVAttention(nn.Module):
+  """diffusers' Attention with AttnAddedKVProcessor: self-attention over the
+  pixels whose keys/values are prefixed by projections of the text context."""
+  heads: int
+  head_dim: int
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, context, context_mask):  # x [B, H, W, C], context [B, L, Dc], mask [B, L] bool
+    b, hgt, wid, c = x.shape
+    n, d = self.heads, self.head_dim
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = _group_norm(self.groups, ATTENTION_NORM_EPS, self.dtype, self.param_dtype, "group_norm")(x)
+    h = h.reshape(b, hgt * wid, c)  # [B, T, C]
+    heads = lambda y: y.reshape(y.shape[0], y.shape[1], n, d)  # [B, S, N, D]
+    q = heads(dense(n * d, name="to_q")(h))
+    k = jnp.concatenate([heads(dense(n * d, name="add_k_proj")(context)), heads(dense(n * d, name="to_k")(h))], 1)
+    v = jnp.concatenate([heads(dense(n * d, name="add_v_proj")(context)), heads(dense(n * d, name="to_v")(h))], 1)
+    mask = None
+    if context_mask is not None:
+      mask = jnp.concatenate([context_mask.astype(bool), jnp.ones((b, hgt * wid), bool)], axis=1)
+      mask = mask[:, None, None, :]  # [B, 1, 1, L + T]
+    dtype = jnp.dtype(self.dtype) if self.dtype is not None else q.dtype
+    q, k, v = (y.astype(dtype) for y in (q, k, v))
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, D]
+    o = dense(c, name="to_out_0")(o.reshape(b, hgt * wid, n * d))
+    return x.astype(o.dtype) + o.reshape(b, hgt, wid, c)
+
+
+class TextProj(nn.Module):
+  """diffusers' UnCLIPTextProjModel: z_i -> 4 extra context tokens, z_t and z_i
+  -> the time-embedding addition, text tokens -> Linear + LayerNorm; z_i may be
+  swapped for the learned null embedding per example (classifier-free guidance)."""
+  config: TextProjConfig
+  context_dim: int
+  time_embed_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image_embed, text_embed, text_tokens, text_mask=None, drop_image=None):
+    # image_embed, text_embed [B, D]; text_tokens [B, L, W]; text_mask [B, L]; drop_image [B] bool
+    cfg = self.config
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    null = self.param("learned_classifier_free_guidance_embeddings", nn.initializers.zeros,
+                      (cfg.clip_dim,), self.param_dtype)
+    if drop_image is not None:
+      image_embed = jnp.where(jnp.asarray(drop_image, bool)[:, None], null[None, :].astype(image_embed.dtype),
+                              image_embed)
+    b = image_embed.shape[0]
+    time_add = (dense(self.time_embed_dim, name="embedding_proj")(text_embed) +
+                dense(self.time_embed_dim, name="clip_image_embeddings_project_to_time_embeddings")(image_embed))
+    # diffusers reshapes the projection to [B, Dc, K] and transposes: channel c of
+    # token k is output c * K + k.
+    extra = dense(cfg.extra_tokens * self.context_dim, name="clip_extra_context_tokens_proj")(image_embed)
+    extra = extra.reshape(b, self.context_dim, cfg.extra_tokens).transpose(0, 2, 1)  # [B, K, Dc]
+    tokens = dense(self.context_dim, name="encoder_hidden_states_proj")(text_tokens)
+    tokens = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="text_encoder_hidden_states_norm")(tokens)  # [B, L, Dc]
+    context = jnp.concatenate([extra.astype(tokens.dtype), tokens], axis=1)  # [B, K + L, Dc]
+    if text_mask is None:
+      text_mask = jnp.ones(text_tokens.shape[:2], bool)
+    mask = jnp.concatenate([jnp.ones((b, cfg.extra_tokens), bool), text_mask.astype(bool)], axis=1)
+    return context, mask, time_add
+
+
+class DownBlock(nn.Module):
+  """ResnetDownsampleBlock2D or SimpleCrossAttnDownBlock2D."""
+  out_channels: int
+  num_layers: int
+  attention: bool
+  downsample: bool
+  config: UNetConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, h, temb, context, context_mask):
+    res, attn = _block_classes(self.config, self.deterministic)
+    skips = []
+    for j in range(self.num_layers):
+      h = res(self.out_channels, name=f"resnets_{j}")(h, temb)
+      if self.attention:
+        h = attn(self.out_channels, name=f"attentions_{j}")(h, context, context_mask)
+      skips.append(h)
+    if self.downsample:
+      h = res(self.out_channels, resample="down", name="downsamplers_0")(h, temb)
+      skips.append(h)
+    return h, skips
+
+
+class MidBlock(nn.Module):
+  """UNetMidBlock2DSimpleCrossAttn (or UNetMidBlock2D without attention): res, attn, res."""
+  channels: int
+  attention: bool
+  config: UNetConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, h, temb, context, context_mask):
+    res, attn = _block_classes(self.config, self.deterministic)
+    h = res(self.channels, name="resnets_0")(h, temb)
+    if self.attention:
+      h = attn(self.channels, name="attentions_0")(h, context, context_mask)
+    return res(self.channels, name="resnets_1")(h, temb)
+
+
+class UpBlock(nn.Module):
+  """ResnetUpsampleBlock2D or SimpleCrossAttnUpBlock2D; each layer eats one skip."""
+  out_channels: int
+  num_layers: int
+  attention: bool
+  upsample: bool
+  config: UNetConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, h, skips, temb, context, context_mask):
+    res, attn = _block_classes(self.config, self.deterministic)
+    if len(skips) != self.num_layers:
+      raise ValueError(f"UpBlock with {self.num_layers} layers got {len(skips)} skips.")
+    for j in range(self.num_layers):
+      h = jnp.concatenate([h, skips[-1 - j].astype(h.dtype)], axis=-1)
+      h = res(self.out_channels, name=f"resnets_{j}")(h, temb)
+      if self.attention:
+        h = attn(self.out_channels, name=f"attentions_{j}")(h, context, context_mask)
+    if self.upsample:
+      h = res(self.out_channels, resample="up", name="upsamplers_0")(h, temb)
+    return h
+
+
+def _block_classes(cfg: UNetConfig, deterministic: bool):
+  """Constructors for resnet and attention blocks, rematerialised if asked."""
+  res_cls = nn.remat(ResBlock) if cfg.remat else ResBlock
+  attn_cls = nn.remat(AddedKVAttention) if cfg.remat else AddedKVAttention
+  dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+  def res(out_channels, resample=None, name=None):
+    return res_cls(out_channels, cfg.scale_shift, cfg.norm_groups, cfg.norm_eps, cfg.dropout, deterministic,
+                   resample, dtype, param_dtype, name=name)
+
+  def attn(channels, name=None):
+    return attn_cls(channels // cfg.head_dim, cfg.head_dim, cfg.norm_groups, dtype, param_dtype,
+                    cfg.attention_impl, name=name)
+
+  return res, attn
+
+
+def resize_low_res(low_res, size: tuple[int, int]):
+  """Upsamples the conditioning image as Karlo's pipeline does.
+
+  diffusers' UnCLIPPipeline calls F.interpolate(mode="bicubic",
+  align_corners=False, antialias=True); torch's antialiased bicubic is the
+  Keys kernel with a = -0.5 and renormalised edge weights, which is what
+  jax.image.resize(method="bicubic") computes (tests check it against torch).
+  """
+  b, _, _, c = low_res.shape
+  if tuple(low_res.shape[1:3]) == tuple(size):
+    return low_res
+  return jax.image.resize(low_res.astype(jnp.float32), (b, size[0], size[1], c), method="bicubic")
+
+
+class UNet(nn.Module):
+  """The decoder or an upsampler, depending on the config.
+
+  Decoder (config.text_proj set):
+    apply(params, x [B,H,W,3], t [B], image_embed=[B,D], text_embed=[B,D],
+          text_tokens=[B,L,W], text_mask=[B,L], drop_image=[B] bool) -> [B,H,W,out]
+    drop_image swaps z_i for the learned null embedding (CFG training and the
+    unconditional half of guided sampling).
+  Upsampler (config.low_res_channels > 0):
+    apply(params, x [B,H,W,3], t [B], low_res=[B,h,w,3]) -> [B,H,W,3]
+    low_res is resized to H x W inside (see resize_low_res).
+  A config with attention but no text_proj takes context [B,L,Dc],
+  context_mask [B,L] and time_cond [B,E] directly.
+  Pass train=True with a "dropout" rng to use dropout. Output is float32.
+  """
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, x, t, *, image_embed=None, text_embed=None, text_tokens=None, text_mask=None,
+               drop_image=None, low_res=None, context=None, context_mask=None, time_cond=None,
+               train: bool = False):
+    cfg = self.config.validate()
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+      raise ValueError(f"x must be [B, H, W, {cfg.in_channels}] (NHWC), got shape {x.shape}.")
+    b, hgt, wid, _ = x.shape
+    factor = 2 ** (cfg.levels - 1)
+    if hgt % factor or wid % factor:
+      raise ValueError(f"Image size {hgt}x{wid} must be divisible by {factor} for {cfg.levels} levels.")
+    t = jnp.broadcast_to(jnp.asarray(t), (b,))
+
+    temb = timestep_embedding(t, cfg.block_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                              downscale_freq_shift=cfg.freq_shift)  # [B, C0]
+    temb = TimestepMLP(cfg.temb_dim, dtype=dtype, name="time_embedding")(temb.astype(dtype))  # [B, E]
+
+    if cfg.text_proj is not None:
+      for name, value in (("image_embed", image_embed), ("text_embed", text_embed), ("text_tokens", text_tokens)):
+        if value is None:
+          raise ValueError(f"The decoder needs {name}.")
+      if image_embed.shape[-1] != cfg.text_proj.clip_dim or text_embed.shape[-1] != cfg.text_proj.clip_dim:
+        raise ValueError(f"image_embed and text_embed must have width {cfg.text_proj.clip_dim}, got "
+                         f"{image_embed.shape} and {text_embed.shape}.")
+      if text_tokens.ndim != 3 or text_tokens.shape[0] != b:
+        raise ValueError(f"text_tokens must be [B={b}, L, W], got {text_tokens.shape}.")
+      # With encoder_hid_dim, diffusers' text proj emits that width and encoder_hid_proj maps it to context_dim.
+      context, context_mask, time_cond = TextProj(cfg.text_proj, cfg.encoder_hid_dim or cfg.context_dim,
+                                                  cfg.temb_dim, dtype,
+                                                  param_dtype, name="text_proj")(
+          image_embed, text_embed, text_tokens, text_mask, drop_image)
+    elif drop_image is not None or image_embed is not None:
+      raise ValueError("image_embed/drop_image given but this U-Net has no text_proj.")
+    if time_cond is not None:
+      temb = temb + time_cond.astype(temb.dtype)  # class_embed_type "identity"
+    if cfg.encoder_hid_dim is not None and context is not None:
+      context = nn.Dense(cfg.context_dim, dtype=dtype, param_dtype=param_dtype, name="encoder_hid_proj")(context)
+    if (any(cfg.attention_levels) or cfg.mid_attention) and context is None:
+      raise ValueError("This U-Net has attention and needs a text context.")
+    if context is not None:
+      context = context.astype(dtype)
+
+    h = x.astype(dtype)
+    if cfg.low_res_channels:
+      if low_res is None or low_res.ndim != 4 or low_res.shape[-1] != cfg.low_res_channels:
+        raise ValueError(f"The upsampler needs low_res [B, h, w, {cfg.low_res_channels}], got "
+                         f"{None if low_res is None else low_res.shape}.")
+      h = jnp.concatenate([h, resize_low_res(low_res, (hgt, wid)).astype(dtype)], axis=-1)
+    elif low_res is not None:
+      raise ValueError("low_res given but this U-Net has low_res_channels = 0.")
+
+    h = _conv(cfg.block_channels[0], 3, dtype, param_dtype, "conv_in")(h)  # [B, H, W, C0]
+    skips = [h]
+    det = not train
+    for i, ch in enumerate(cfg.block_channels):
+      h, s = DownBlock(ch, cfg.layers_per_block, cfg.attention_levels[i], i < cfg.levels - 1, cfg, det,
+                       name=f"down_blocks_{i}")(h, temb, context, context_mask)
+      skips += s
+    h = MidBlock(cfg.block_channels[-1], cfg.mid_attention, cfg, det, name="mid_block")(
+        h, temb, context, context_mask)
+    for i, ch in enumerate(reversed(cfg.block_channels)):
+      level = cfg.levels - 1 - i
+      n_skip = cfg.layers_per_block + 1
+      h = UpBlock(ch, n_skip, cfg.attention_levels[level], level > 0, cfg, det,
+                  name=f"up_blocks_{i}")(h, tuple(skips[-n_skip:]), temb, context, context_mask)
+      skips = skips[:-n_skip]
+    h = nn.silu(_group_norm(cfg.norm_groups, cfg.norm_eps, dtype, param_dtype, "conv_norm_out")(h))
+    h = _conv(cfg.out_channels, 3, dtype, param_dtype, "conv_out")(h)  # [B, H, W, out]
+    return h.astype(jnp.float32)
+
+
+def dummy_inputs(cfg: UNetConfig, batch: int = 1, size: Optional[int] = None, text_len: int = 1):
+  """Smallest inputs that trace the model (for init and eval_shape)."""
+  size = size or 2 ** (cfg.levels - 1)
+  x = jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32)
+  t = jnp.zeros((batch,), jnp.int32)
+  kw = {}
+  if cfg.text_proj is not None:
+    d = cfg.text_proj.clip_dim
+    kw = dict(image_embed=jnp.zeros((batch, d)), text_embed=jnp.zeros((batch, d)),
+              text_tokens=jnp.zeros((batch, text_len, cfg.text_proj.text_dim or d)),
+              text_mask=jnp.ones((batch, text_len), bool))
+  elif any(cfg.attention_levels) or cfg.mid_attention:
+    kw = dict(context=jnp.zeros((batch, text_len, cfg.encoder_hid_dim or cfg.context_dim)))
+  if cfg.low_res_channels:
+    kw["low_res"] = jnp.zeros((batch, size, size, cfg.low_res_channels))
+  return x, t, kw
+
+
+def init_params(cfg: UNetConfig, rng):
+  """Fresh parameters for `cfg` (the "params" collection)."""
+  x, t, kw = dummy_inputs(cfg)
+  return UNet(cfg).init(rng, x, t, **kw)["params"]
+
+
+def param_shapes(cfg: UNetConfig):
+  """The parameter tree as ShapeDtypeStructs, without allocating."""
+  x, t, kw = dummy_inputs(cfg)
+  return jax.eval_shape(lambda: UNet(cfg).init(jax.random.PRNGKey(0), x, t, **kw))["params"]
+
+
+# ---------------------------------------------------------------------------
+# Named configs.
+
+
+def karlo_decoder(**overrides) -> UNetConfig:
+  """Karlo's 64 px decoder as diffusers builds it (DECODER_CONFIG + UnCLIPTextProjModel)."""
+  cfg = UNetConfig(block_channels=(320, 640, 960, 1280), layers_per_block=3,
+                   attention_levels=(False, True, True, True), mid_attention=True, head_dim=64,
+                   in_channels=3, out_channels=6, context_dim=1536, scale_shift=True,
+                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4))
+  return dataclasses.replace(cfg, **overrides)
+
+
+def karlo_super_res(**overrides) -> UNetConfig:
+  """Karlo's 64 -> 256 upsampler (super_res_first and super_res_last share it):
+  a UNet2DModel with default (additive) time conditioning and no attention."""
+  cfg = UNetConfig(block_channels=(320, 640, 960, 1280), layers_per_block=3,
+                   attention_levels=(False,) * 4, mid_attention=False, in_channels=3, low_res_channels=3,
+                   out_channels=3, scale_shift=False)
+  return dataclasses.replace(cfg, **overrides)
+
+
+def paper_decoder(**overrides) -> UNetConfig:
+  """The paper's 3.5B decoder (Table 3): 512 ch x (1, 2, 3, 4), 3 res blocks,
+  attention at 32/16/8 with 64-channel heads, dropout 0.1, learned variance.
+  The context width is not given; 2048 (GLIDE's text width) is our choice."""
+  cfg = UNetConfig(block_channels=(512, 1024, 1536, 2048), layers_per_block=3,
+                   attention_levels=(False, True, True, True), mid_attention=True, head_dim=64,
+                   in_channels=3, out_channels=6, context_dim=2048, scale_shift=True, dropout=0.1,
+                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4))
+  return dataclasses.replace(cfg, **overrides)
+
+
+def paper_sr_64_256(**overrides) -> UNetConfig:
+  """The paper's 64 -> 256 upsampler: 320 ch x (1, 2, 3, 4), 3 res blocks, no attention, dropout 0.1."""
+  cfg = UNetConfig(block_channels=(320, 640, 960, 1280), layers_per_block=3,
+                   attention_levels=(False,) * 4, mid_attention=False, in_channels=3, low_res_channels=3,
+                   out_channels=3, scale_shift=True, dropout=0.1)
+  return dataclasses.replace(cfg, **overrides)
+
+
+def paper_sr_256_1024(**overrides) -> UNetConfig:
+  """The paper's 256 -> 1024 upsampler: 192 ch x (1, 1, 2, 2, 4, 4), 2 res blocks, no attention."""
+  cfg = UNetConfig(block_channels=(192, 192, 384, 384, 768, 768), layers_per_block=2,
+                   attention_levels=(False,) * 6, mid_attention=False, in_channels=3, low_res_channels=3,
+                   out_channels=3, scale_shift=True)
+  return dataclasses.replace(cfg, **overrides)
+
+
+CONFIGS = {
+    "karlo_decoder": karlo_decoder,
+    "karlo_super_res": karlo_super_res,
+    "paper_decoder": paper_decoder,
+    "paper_sr_64_256": paper_sr_64_256,
+    "paper_sr_256_1024": paper_sr_256_1024,
+}
