@@ -1,0 +1,76 @@
+"""Training checkpoints (orbax): atomic, async, resumable, sharded; and the
+inference export that sample.py reads."""
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves {state, meta} every `save_every` steps into workdir/checkpoints, keeping `keep`.
+
+  `meta` is a JSON dict (data-iterator position, config, ...). Orbax writes each
+  step into a temporary folder and renames it when complete, so a crash never
+  leaves a half-written checkpoint that a resume would pick up.
+  """
+
+  def __init__(self, workdir: str, *, save_every: int, keep: int = 3, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                           enable_async_checkpointing=async_save, create=True)
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> bool:
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, meta) of `step` (default: latest) into abstract_state's shardings, or None."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()
+
+
+INFERENCE_PARAMS = "params"
+INFERENCE_CONFIG = "config.json"
+
+
+def export_inference(path: str, params, config: dict[str, Any]):
+  """Writes params (usually the EMA) and a JSON config for sampling."""
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  params = jax.device_get(params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, INFERENCE_PARAMS), params, force=True)
+  with open(os.path.join(path, INFERENCE_CONFIG), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+def load_inference(path: str, abstract_params=None) -> tuple[Any, dict[str, Any]]:
+  """(params, config) written by export_inference; a clear error if it is not one."""
+  path = os.path.abspath(path)
+  config_path = os.path.join(path, INFERENCE_CONFIG)
+  params_path = os.path.join(path, INFERENCE_PARAMS)
+  if not os.path.isfile(config_path) or not os.path.isdir(params_path):
+    raise FileNotFoundError(f"{path!r} is not an inference checkpoint: expected {INFERENCE_CONFIG} and a "
+                            f"{INFERENCE_PARAMS}/ folder (written by train.py's export).")
+  with open(config_path) as f:
+    config = json.load(f)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(params_path, abstract_params)
+  return params, config
