@@ -1,0 +1,1 @@
+"""Stage-level functions (losses, train steps, samplers) for the prior, decoder and upsamplers."""
