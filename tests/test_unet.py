@@ -181,9 +181,9 @@ def test_bf16_compute_stays_close_to_fp32():
   # Fresh init zeroes nothing in flax, but make the null/norm params non-trivial too.
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
   x, t, kw = _decoder_inputs()
-  f32 = unet_lib.UNet(cfg).apply({"params": params}, x, t, **kw)
-  bf16_cfg = dataclasses.replace(cfg, dtype="bfloat16")
-  bf16 = unet_lib.UNet(bf16_cfg).apply({"params": params}, x, t, **kw)
+  run = lambda c: jax.jit(lambda p: unet_lib.UNet(c).apply({"params": p}, x, t, **kw))(params)
+  f32 = run(cfg)
+  bf16 = run(dataclasses.replace(cfg, dtype="bfloat16"))
   assert bf16.dtype == jnp.float32  # outputs are returned in float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   # Tolerance: bf16 has an 8-bit mantissa (~0.4% per op); through ~20 layers we

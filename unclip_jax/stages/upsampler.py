@@ -1,0 +1,120 @@
+"""Upsampler training and sampling (64 -> 256 and 256 -> 1024).
+
+Training follows the paper: the networks are convolutional, so they train on
+random crops of 1/4 of the target size and sample at full size; the low-res
+image may be degraded first (blur / BSR, unclip_jax/data/degradations.py).
+The low-res image is upsampled to the full target size before cropping, so a
+crop sees exactly the conditioning it would see at sampling time (the model's
+own resize is the identity on an input already at its size).
+"""
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from unclip_jax.diffusion import gaussian, losses, samplers
+from unclip_jax.diffusion.schedules import Schedule
+from unclip_jax.models import unet as unet_lib
+from unclip_jax.stages.decoder import TrainState, apply_update, create_train_state, variance_type
+
+__all__ = ["TrainState", "create_train_state", "random_crop_pair", "loss_fn", "make_train_step", "sample"]
+
+Degrade = Callable[[jax.Array, jax.Array], jax.Array]  # degrade(rng, low_res [B, h, w, C]) -> same shape
+
+
+def random_crop_pair(rng, image, low_res_up, crop: int):
+  """The same random crop x crop window of image and low_res_up, per example.
+
+  image, low_res_up: [B, H, W, C] (low_res_up already at the target size).
+  """
+  b, h, w, _ = image.shape
+  if low_res_up.shape[:3] != image.shape[:3]:
+    raise ValueError(f"low_res_up {low_res_up.shape} must match the target's size {image.shape}.")
+  if not 0 < crop <= min(h, w):
+    raise ValueError(f"crop {crop} must be in (0, {min(h, w)}].")
+  k_y, k_x = jax.random.split(rng)
+  ys = jax.random.randint(k_y, (b,), 0, h - crop + 1)
+  xs = jax.random.randint(k_x, (b,), 0, w - crop + 1)
+
+  def one(img, low, y, x):
+    return (jax.lax.dynamic_slice(img, (y, x, 0), (crop, crop, img.shape[-1])),
+            jax.lax.dynamic_slice(low, (y, x, 0), (crop, crop, low.shape[-1])))
+
+  return jax.vmap(one)(image, low_res_up, ys, xs)  # 2 x [B, crop, crop, C]
+
+
+def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res_up, rng, *, train: bool = True):
+  """Mean diffusion loss (eps; hybrid if the config learns the variance).
+
+  image: [B, S, S, 3] target crops in [-1, 1]; low_res_up: [B, S, S, 3] conditioning.
+  """
+  x0 = jnp.asarray(image, jnp.float32)
+  b = x0.shape[0]
+  k_t, k_noise, k_drop = jax.random.split(rng, 3)
+  i = jax.random.randint(k_t, (b,), 0, schedule.num_steps)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  x_t = gaussian.q_sample(schedule, x0, i, noise)
+  out = unet_lib.UNet(cfg).apply({"params": params}, x_t, schedule.timesteps[i], low_res=low_res_up,
+                                 train=train, rngs={"dropout": k_drop})
+  loss, parts = losses.diffusion_loss(schedule, out, x0, x_t, i, noise, prediction_type="eps",
+                                      variance_type=variance_type(cfg))
+  return jnp.mean(loss), {k: jnp.mean(v) for k, v in parts.items()}
+
+
+def make_train_step(cfg: unet_lib.UNetConfig, schedule: Schedule, optimizer: optax.GradientTransformation, *,
+                    crop_fraction: float = 0.25, degrade: Optional[Degrade] = None,
+                    ema_decay: Optional[float] = 0.9999):
+  """train_step(state, batch, rng) -> (state, metrics), ready to jit.
+
+  batch: image [B, H, W, 3] (the full-size target, [-1, 1]) and low_res
+  [B, h, w, 3]. degrade(rng, low_res) is applied to the whole low-res image,
+  which is then upsampled to H x W; a random crop of crop_fraction * H is cut
+  from both. crop_fraction=1 trains at full size.
+  """
+  if not cfg.low_res_channels:
+    raise ValueError("The upsampler stage needs a U-Net config with low_res_channels > 0.")
+  factor = 2 ** (cfg.levels - 1)
+
+  def train_step(state: TrainState, batch: dict, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    k_deg, k_crop, k_loss = jax.random.split(rng, 3)
+    image, low_res = jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["low_res"], jnp.float32)
+    h = image.shape[1]
+    crop = int(round(h * crop_fraction))
+    if crop % factor:
+      raise ValueError(f"Crop size {crop} (= {crop_fraction} x {h}) must be divisible by {factor}.")
+    if degrade is not None:
+      low_res = degrade(k_deg, low_res)
+    low_up = unet_lib.resize_low_res(low_res, image.shape[1:3])
+    image, low_up = random_crop_pair(k_crop, image, low_up, crop)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, schedule, image, low_up,
+                                                                     k_loss)
+    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
+    return apply_update(state, grads, optimizer, ema_decay), metrics
+
+  return train_step
+
+
+def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *, size: int,
+           params_last=None, sampler: str = "ddim", **sampler_kwargs):
+  """Full-size samples [B, size, size, 3] from low_res [B, h, w, 3] in [-1, 1].
+
+  Unguided. params_last, if given, runs the chain's final step (Karlo's
+  super_res_last); params runs all the others (super_res_first).
+  """
+  model = unet_lib.UNet(cfg)
+  low_up = unet_lib.resize_low_res(jnp.asarray(low_res, jnp.float32), (size, size))
+  last_t = schedule.timesteps[0]
+
+  def model_fn(x, t):
+    run = lambda p: model.apply({"params": p}, x, t, low_res=low_up)
+    if params_last is None:
+      return run(params)
+    return jax.lax.cond(t[0] == last_t, lambda: run(params_last), lambda: run(params))
+
+  b = low_up.shape[0]
+  x = samplers.sample(model_fn, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
+                      prediction_type="eps", variance_type=variance_type(cfg), **sampler_kwargs)
+  return jnp.clip(x, -1.0, 1.0)
