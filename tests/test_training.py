@@ -61,7 +61,7 @@ def test_parameters_and_batch_are_really_split():
   assert state.ema_params["dense1"]["kernel"].addressable_shards[0].data.shape == (4, 32)
   batch = parallel.global_batch(_batch(), mesh)
   assert batch["x"].addressable_shards[0].data.shape == (2, 16)
-  assert len({s.index[0].start for s in batch["x"].addressable_shards}) == 8  # 8 distinct rows blocks
+  assert len({s.index[0].start for s in batch["x"].addressable_shards}) == 8  # 8 distinct row blocks
 
 
 def _noiseless_loss(params, batch, rng):

@@ -27,11 +27,18 @@ class Checkpointer:
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, abstract_state, step: int | None = None):
-    """(state, meta) of `step` (default: latest) into abstract_state's shardings, or None."""
+  def restore(self, abstract_state=None, step: int | None = None):
+    """(state, meta) of `step` (default: latest), or None if there is none.
+
+    With abstract_state (ShapeDtypeStructs with shardings) the arrays land
+    directly in those shardings; without it they come back as saved.
+    """
     step = self._manager.latest_step() if step is None else step
     if step is None:
       return None

@@ -1,0 +1,195 @@
+"""The training loop every stage shares: sharded state, resumable data, async
+checkpoints, preemption-safe stops, metrics, and sample grids.
+
+A stage supplies the model-specific parts (see `Stage`); the loop owns
+everything else, so a change here reaches every stage at once.
+"""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm.auto
+from absl import logging
+from clu import metric_writers
+
+from unclip_jax import checkpoints
+from unclip_jax import imaging
+from unclip_jax import optim
+from unclip_jax import parallel
+from unclip_jax import training
+
+
+class Stage(Protocol):
+  """What a stage (clip, prior, decoder, sr1, sr2) gives the loop."""
+
+  def init_params(self, rng) -> Any:
+    ...
+
+  def loss(self, params, batch, rng) -> tuple[jax.Array, dict]:
+    ...
+
+  def encode_batch(self, host_batch: dict) -> dict[str, np.ndarray]:
+    """Host batch (images, captions) -> the arrays the loss reads (e.g. CLIP encodings)."""
+    ...
+
+  def sample_images(self, params, rng) -> np.ndarray | None:
+    """uint8 [N, H, W, 3] from the EMA params, for the periodic grid; None to skip."""
+    ...
+
+  def inference_config(self) -> dict:
+    """What sample.py needs besides the params (architecture, diffusion settings)."""
+    ...
+
+
+# batches(start, process_index, process_count) -> this host's batches from global position `start`
+BatchesFn = Callable[[int, int, int], Iterator[dict]]
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Turns SIGTERM (preemption) and Ctrl-C into a flag the loop polls each step."""
+  requested = {"signal": None}
+
+  def handler(signum, frame):
+    del frame
+    requested["signal"] = signal.Signals(signum).name
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield requested
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  o = config.optim
+  lr = optim.learning_rate_schedule(o.learning_rate, o.get("warmup_steps", 0), o.get("decay", "constant"),
+                                    config.total_steps)
+  tx = optim.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                   grad_clip_norm=o.get("grad_clip_norm", 1.0))
+  return tx, lr
+
+
+class _DivergenceCheck:
+  """Keeps recent per-step losses on device and checks them only when the loop
+  syncs anyway (logging, saving), so the check costs no extra host round trip."""
+
+  def __init__(self):
+    self._pending = []
+
+  def add(self, step: int, loss):
+    self._pending.append((step, loss))
+
+  def check(self, last_good: int | None):
+    values = jax.device_get([loss for _, loss in self._pending])
+    for (step, _), value in zip(self._pending, values):
+      if not math.isfinite(float(value)):
+        where = f"step {last_good}" if last_good is not None else "none was written"
+        raise TrainingDiverged(f"Training diverged: the loss was {float(value)} at step {step}. "
+                               f"The last good checkpoint is kept ({where}); lower the learning rate "
+                               f"or check the data, then resume.")
+    self._pending.clear()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches: BatchesFn
+          ) -> training.TrainState:
+  """Trains until config.total_steps (resuming from workdir), then exports the EMA params."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(dict(config.mesh))
+  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules)
+  if config.batch_size % (parallel.batch_size_divisor(mesh, rules) * config.get("grad_accum_steps", 1)):
+    raise ValueError(f"batch_size {config.batch_size} must divide by the batch-sharding devices "
+                     f"({parallel.batch_size_divisor(mesh, rules)}) times grad_accum_steps.")
+  tx, lr = make_optimizer(config)
+  rng = jax.random.key(config.seed)
+  state, shardings = training.create_train_state(stage.init_params, tx, rng, mesh, rules)
+  ckpt = checkpoints.Checkpointer(workdir, save_every=config.checkpoint_every,
+                                  keep=config.get("keep_checkpoints", 3))
+  position = 0
+  restored = ckpt.restore(training.abstract_state(stage.init_params, tx, rng, shardings))
+  if restored is not None:
+    state, meta = restored
+    position = meta["position"]
+    logging.info("Resumed from step %d (data position %d).", int(state.step), position)
+  start_step = int(state.step)
+
+  step_fn = training.jit_train_step(
+      training.make_train_step(stage.loss, tx, ema_decay=config.ema_decay, learning_rate=lr,
+                               grad_accum_steps=config.get("grad_accum_steps", 1)), shardings, mesh, rules)
+  data = batches(position, jax.process_index(), jax.process_count())
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in config.items()})
+  meta_config = json.loads(config.to_json_best_effort())
+  divergence = _DivergenceCheck()
+  bar = tqdm.auto.tqdm(total=config.total_steps, initial=start_step, desc=f"train {config.stage}",
+                       disable=jax.process_index() > 0)
+  last_log_time, last_log_step = time.perf_counter(), start_step
+
+  def save(step, force=False):
+    if ckpt.latest_step() == step:
+      return
+    if force or ckpt.should_save(step):
+      divergence.check(ckpt.latest_step())
+      ckpt.save(step, state, {"position": position, "config": meta_config}, force=force)
+
+  try:
+    with stop_requests() as stop:
+      step = start_step
+      while step < config.total_steps:
+        batch = parallel.global_batch(stage.encode_batch(next(data)), mesh, rules)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        position += config.batch_size
+        divergence.add(step, metrics["loss"])
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.total_steps:
+          divergence.check(ckpt.latest_step())
+          now = time.perf_counter()
+          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          scalars["steps_per_sec"] = (step - last_log_step) / (now - last_log_time)
+          scalars["images_per_sec"] = scalars["steps_per_sec"] * config.batch_size
+          last_log_time, last_log_step = now, step
+          writer.write_scalars(step, scalars)
+          bar.set_postfix(loss=f"{scalars['loss']:.4g}")
+        save(step)
+        if config.get("sample_every") and step % config.sample_every == 0:
+          write_samples(stage, state, workdir, writer, step)
+        if stop["signal"] is not None:
+          logging.info("%s received: saving step %d and stopping.", stop["signal"], step)
+          save(step, force=True)
+          break
+      else:
+        save(step, force=True)
+  finally:  # also on errors: let in-flight saves finish so they are usable
+    ckpt.wait()
+    ckpt.close()
+    bar.close()
+    writer.flush()
+  if int(state.step) >= config.total_steps and jax.process_index() == 0:
+    export_dir = config.get("export_dir") or os.path.join(workdir, "export")
+    checkpoints.export_inference(export_dir, state.ema_params, stage.inference_config())
+    logging.info("Exported EMA params for sampling to %s", export_dir)
+  return state
+
+
+def write_samples(stage: Stage, state: training.TrainState, workdir: str, writer, step: int):
+  images = stage.sample_images(state.ema_params, jax.random.fold_in(jax.random.key(0), step))
+  if images is None or jax.process_index() > 0:
+    return
+  grid = imaging.make_grid(images)
+  imaging.save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+  writer.write_images(step, {"samples": grid[None]})
