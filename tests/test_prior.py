@@ -184,7 +184,8 @@ def test_guided_sampling_matches_unclip_pipeline_loop(reference, fixed_noise):
                                   num_candidates=1))
   got = run(reference["variables"], cond, uncond, jax.random.key(0), x_T=jnp.asarray(x_T.numpy(), jnp.float32),
             step_noise=jnp.asarray(noises.numpy(), jnp.float32))
-  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+  # float32 against a float64 scheduler: measured 1.3e-5 at |z| up to ~5
+  np.testing.assert_allclose(got, expected, rtol=0, atol=5e-5)
   # the chain's respacing is the scheduler's
   np.testing.assert_array_equal(schedules.make_schedule("cosine", 1000, num_steps).timesteps[::-1],
                                 timesteps.numpy())
@@ -206,7 +207,7 @@ def test_best_of_n_keeps_the_draw_closest_to_z_t(reference):
   rep = {k: jnp.repeat(v, n, axis=0) for k, v in cond.items()}
   draws = stage.sample_prior(model, variables, rep, uncond, key, num_candidates=1, **kwargs).reshape(3, n, DIM)
   scores = np.einsum("bnd,bd->bn", draws, cond["z_t"])
-  assert len(set(np.argmax(scores, 1).tolist())) >= 1
+  assert set(np.argmax(scores, 1).tolist()) == {0, 1}  # both draws get picked somewhere
   np.testing.assert_allclose(best, draws[np.arange(3), np.argmax(scores, 1)], rtol=1e-5, atol=1e-5)
   assert np.all(np.einsum("bd,bd->b", best, cond["z_t"]) >= scores.max(1) - 1e-4)
 
@@ -247,8 +248,8 @@ def test_loss_is_x0_mse_in_normalised_space_with_dropout():
   stats = stage.latent_stats(batch["z_i"])
   schedule = schedules.make_schedule("cosine", 1000)
   key = jax.random.key(3)
-  loss, metrics = stage.prior_loss(params, batch, key, model=model, stats=stats, schedule=schedule, uncond=uncond,
-                                   p_uncond=1.0)
+  loss_fn = jax.jit(functools.partial(stage.prior_loss, model=model, schedule=schedule, p_uncond=1.0))
+  loss, metrics = loss_fn(params, batch, key, stats=stats, uncond=uncond)
   assert float(metrics["uncond_fraction"]) == 1.0
   # the same computation by hand, every example unconditional
   t_rng, noise_rng, _, _ = jax.random.split(key, 4)
@@ -258,7 +259,7 @@ def test_loss_is_x0_mse_in_normalised_space_with_dropout():
   abar = schedule.alphas_cumprod[i][:, None]
   x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise
   u = {k: jnp.broadcast_to(v, (8,) + v.shape[1:]) for k, v in uncond.items()}
-  pred = model.apply({"params": params, "stats": stats}, x_t, i, u["z_t"], u["tokens"], u["mask"])
+  pred = jax.jit(model.apply)({"params": params, "stats": stats}, x_t, i, u["z_t"], u["tokens"], u["mask"])
   np.testing.assert_allclose(loss, jnp.mean((pred - x0) ** 2), rtol=1e-5)
 
 
