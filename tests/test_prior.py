@@ -3,7 +3,6 @@ diffusers' PriorTransformer + UnCLIPScheduler (Karlo's settings), converter
 errors, best-of-n, CFG dropout and a training run that fits a fixed batch."""
 
 import functools
-import json
 import time
 
 import jax
@@ -13,7 +12,6 @@ import pytest
 import torch
 from diffusers import PriorTransformer, UnCLIPScheduler
 
-from unclip_jax import optim
 from unclip_jax.convert import common, diffusers_prior
 from unclip_jax.diffusion import schedules
 from unclip_jax.models import prior as prior_lib
@@ -289,3 +287,21 @@ def test_tiny_prior_fits_a_fixed_batch():
   # the EMA moved (decay 0.9999 is slow, so only slightly) and the stats were never touched
   assert any(float(jnp.abs(e - p).max()) > 0 for e, p in zip(jax.tree.leaves(state.ema_params),
                                                               jax.tree.leaves(params)))
+
+
+def test_bad_shapes_give_clear_errors(reference):
+  model = prior_lib.DiffusionPrior(reference["config"])
+  v = reference["variables"]
+  x, t, z = jnp.zeros((2, DIM)), jnp.zeros((2,), jnp.int32), jnp.zeros((2, DIM))
+  tokens, mask = jnp.zeros((2, TOKENS, DIM)), jnp.ones((2, TOKENS), bool)
+  with pytest.raises(ValueError, match=r"tokens must be \[B, 77, 16\]"):
+    model.apply(v, x, t, z, tokens[:, :10], mask)
+  with pytest.raises(ValueError, match=r"x_t and z_t must be \[B, 16\]"):
+    model.apply(v, jnp.zeros((2, 8)), t, z, tokens, mask)
+  cond = {"z_t": z, "tokens": tokens, "mask": mask}
+  with pytest.raises(ValueError, match="missing"):
+    stage.sample_prior(model, v, {"z_t": z}, cond, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"x_T must be \[B \* num_candidates, D\]"):
+    stage.sample_prior(model, v, cond, cond, jax.random.key(0), x_T=jnp.zeros((2, DIM)))
+  with pytest.raises(ValueError, match=r"uncond\['tokens'\] has shape \(1, 5, 16\)"):
+    stage.sample_prior(model, v, cond, dict(cond, tokens=jnp.zeros((1, 5, DIM))), jax.random.key(0))

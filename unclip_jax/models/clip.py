@@ -22,7 +22,6 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # CLIPImageProcessor's defaults (OpenAI's dataset statistics).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

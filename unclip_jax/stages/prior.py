@@ -44,16 +44,26 @@ def _check_cond(cond: dict, name: str):
     raise ValueError(f"{name} is missing {missing}; expected keys {COND_KEYS} (see text_conditioning).")
 
 
+def _uncond_like(uncond: dict, cond: dict) -> dict:
+  """uncond with batch 1 (broadcast) or the batch of cond, shaped like cond."""
+  batch = cond["z_t"].shape[0]
+  out = {}
+  for k in COND_KEYS:
+    u, c = jnp.asarray(uncond[k]), cond[k]
+    if u.shape[1:] != c.shape[1:] or u.shape[0] not in (1, batch):
+      raise ValueError(f"uncond[{k!r}] has shape {u.shape}; expected [1 or {batch}, *{tuple(c.shape[1:])}] "
+                       f"to match the conditioning {tuple(c.shape)}.")
+    out[k] = jnp.broadcast_to(u, c.shape).astype(c.dtype)
+  return out
+
+
 def cfg_dropout(cond: dict, uncond: dict, rng, p_uncond: float):
   """Replaces each example's text conditioning by the unconditional one with
   probability p_uncond (the paper drops it 10% of the time). Returns (cond, dropped [B])."""
   batch = cond["z_t"].shape[0]
+  uncond = _uncond_like(uncond, cond)
   dropped = jax.random.bernoulli(rng, p_uncond, (batch,))
-
-  def pick(c, u):
-    u = jnp.broadcast_to(u.reshape((-1,) + c.shape[1:]), c.shape).astype(c.dtype)
-    return jnp.where(dropped.reshape((batch,) + (1,) * (c.ndim - 1)), u, c)
-
+  pick = lambda c, u: jnp.where(dropped.reshape((batch,) + (1,) * (c.ndim - 1)), u, c)
   return {k: pick(cond[k], uncond[k]) for k in COND_KEYS}, dropped
 
 
@@ -144,8 +154,8 @@ def sample_prior(model: prior_lib.DiffusionPrior, variables, cond: dict, uncond:
   if guidance_scale is None or guidance_scale == 1.0:
     guided = functools.partial(model_fn, c=cond_n)
   else:
-    uncond_n = {k: jnp.broadcast_to(uncond[k].reshape((-1,) + cond[k].shape[1:]), cond_n[k].shape
-                                    ).astype(cond_n[k].dtype) for k in COND_KEYS}
+    uncond = _uncond_like(uncond, cond)
+    uncond_n = {k: jnp.repeat(uncond[k], num_candidates, axis=0) for k in COND_KEYS}
     guided = samplers.classifier_free_guidance(model_fn, cond_n, uncond_n, guidance_scale)
   if x_T is not None and x_T.shape != (rows, dim):
     raise ValueError(f"x_T must be [B * num_candidates, D] = {(rows, dim)}, got {x_T.shape}.")
