@@ -181,7 +181,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
     writer.flush()
   if int(state.step) >= config.total_steps and jax.process_index() == 0:
     export_dir = config.get("export_dir") or os.path.join(workdir, "export")
-    checkpoints.export_inference(export_dir, state.ema_params, stage.inference_config())
+    if hasattr(stage, "export"):  # e.g. CLIP: a Hugging Face folder
+      stage.export(state.ema_params, export_dir)
+    else:
+      checkpoints.export_inference(export_dir, state.ema_params, stage.inference_config())
     logging.info("Exported EMA params for sampling to %s", export_dir)
   return state
 

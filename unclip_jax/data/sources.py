@@ -23,6 +23,12 @@ from unclip_jax.data import shapes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def shuffled_index(global_index: int, num_items: int, seed: int) -> int:
+  """Epoch-wise shuffled order over num_items: global position -> item index."""
+  epoch, offset = divmod(global_index, num_items)
+  return int(np.random.default_rng([seed, epoch]).permutation(num_items)[offset])
+
+
 class RandomAccessSource:
   """Examples by index: a list of (image bytes loader, caption)."""
 
@@ -36,9 +42,7 @@ class RandomAccessSource:
     return len(self.items)
 
   def example_order(self, global_index: int, seed: int) -> int:
-    """Epoch-wise shuffled order: global index -> item index."""
-    epoch, offset = divmod(global_index, len(self.items))
-    return int(np.random.default_rng([seed, epoch]).permutation(len(self.items))[offset])
+    return shuffled_index(global_index, len(self.items), seed)
 
   def batches(self, start: int, batch_size: int, resolution: int, *, seed: int = 0, shard_index: int = 0,
               shard_count: int = 1) -> Iterator[dict]:

@@ -1,0 +1,34 @@
+"""Settings every stage's config shares (mesh, logging, checkpoints, optimiser)."""
+
+import ml_collections
+
+from unclip_jax import optim
+
+STAGES = ("clip", "prior", "decoder", "sr1", "sr2")
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+  if stage not in STAGES:
+    raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  # Mesh axis sizes; -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = [["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"],
+                          ["heads", "tensor"]]
+  c.batch_size = 64
+  c.total_steps = 1000
+  c.grad_accum_steps = 1
+  c.compute_dtype = "float32"  # "bfloat16": bf16 compute, fp32 params and optimizer state
+  hp = optim.PAPER_HPARAMS.get(stage, optim.PAPER_HPARAMS["prior"])
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=hp["learning_rate"], b1=0.9, b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+      grad_clip_norm=1.0, warmup_steps=0, decay="constant"))
+  c.ema_decay = hp["ema_decay"]
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.sample_every = 0
+  c.export_dir = ""
+  return c

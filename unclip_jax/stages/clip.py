@@ -1,0 +1,147 @@
+"""Training a small CLIP contrastively (the Shapes demo's own CLIP).
+
+unCLIP treats CLIP as given; for a world with no public CLIP we train one,
+with transformers' Flax CLIP so that the result is an ordinary Hugging Face
+folder that the frozen-CLIP loader reads exactly as it reads OpenAI's.
+"""
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from unclip_jax.models import clip as clip_lib
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_symbols() -> list[str]:
+  """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2's table)."""
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+  return list(bytes_to_unicode().values())
+
+
+def write_word_tokenizer(words: Sequence[str], folder: str, max_length: int = 77):
+  """A CLIPTokenizer whose vocabulary holds every byte plus these whole words.
+
+  Each word gets the chain of merges that builds it left to right, so it
+  tokenises to one token; anything else falls back to bytes. EOS has the
+  largest id, which is how transformers' CLIP finds the pooled position.
+  """
+  from transformers import CLIPTokenizer
+
+  symbols = _byte_symbols()
+  vocab, merges = list(symbols) + [s + "</w>" for s in symbols], []
+  known = set(vocab)
+  for word in sorted(set(w.lower() for w in words)):
+    if len(word) < 2:
+      continue
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    merged = pieces[0]
+    for piece in pieces[1:]:
+      merges.append(f"{merged} {piece}")
+      merged += piece
+      if merged not in known:
+        known.add(merged)
+        vocab.append(merged)
+  vocab += [BOS, EOS]
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+  with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                            model_max_length=max_length)
+  tokenizer.save_pretrained(folder)
+  return tokenizer
+
+
+def clip_config(model: ml_collections.ConfigDict, vocab_size: int):
+  from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+  text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=model.text_width,
+                        intermediate_size=4 * model.text_width, num_hidden_layers=model.text_layers,
+                        num_attention_heads=model.text_heads, max_position_embeddings=model.get("max_length", 77),
+                        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+  vision = CLIPVisionConfig(hidden_size=model.vision_width, intermediate_size=4 * model.vision_width,
+                            num_hidden_layers=model.vision_layers, num_attention_heads=model.vision_heads,
+                            image_size=model.image_size, patch_size=model.patch_size)
+  return CLIPConfig.from_text_vision_configs(text, vision, projection_dim=model.embed_dim)
+
+
+def write_clip_folder(folder: str, config, params, image_size: int):
+  """A Hugging Face CLIP folder (Flax weights, preprocessing) around these params."""
+  from transformers import CLIPImageProcessor, FlaxCLIPModel
+
+  model = FlaxCLIPModel(config, _do_init=False)
+  model.save_pretrained(folder, params=jax.device_get(params))
+  # Images are made at image_size already: no resize, only normalisation (Shapes' own statistics
+  # are close enough to OpenAI's that we keep CLIP's).
+  CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                     ).save_pretrained(folder)
+
+
+def contrastive_loss(logits_per_image):
+  """Symmetric cross-entropy over the batch's image-text pairs (CLIP, eq. in fig. 3)."""
+  labels = jnp.arange(logits_per_image.shape[0])
+  image_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image, labels)
+  text_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image.T, labels)
+  return (image_loss.mean() + text_loss.mean()) / 2
+
+
+class ClipStage:
+  """Contrastive training of a CLIPModel defined by config.model."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    from transformers.models.clip import modeling_flax_clip as fc
+
+    self.config = config
+    self.tokenizer_dir = os.path.join(workdir, "tokenizer")
+    self.tokenizer = write_word_tokenizer(config.model.vocabulary, self.tokenizer_dir,
+                                          config.model.get("max_length", 77))
+    self.hf_config = clip_config(config.model, len(self.tokenizer.get_vocab()))
+    self.module = fc.FlaxCLIPModule(self.hf_config, dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+    self.preprocess = clip_lib.ImagePreprocess(shortest_edge=config.model.image_size,
+                                               crop_size=(config.model.image_size,) * 2)
+
+  def init_params(self, rng):
+    size = self.config.model.image_size
+    ids = jnp.zeros((1, self.config.model.get("max_length", 77)), jnp.int32)
+    return self.module.init(rng, ids, jnp.zeros((1, size, size, 3)), jnp.ones_like(ids),
+                            jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))["params"]
+
+  def logits(self, params, batch, deterministic=True, rng=None):
+    pixels = clip_lib.preprocess_images(batch["image"], self.preprocess)
+    ids = batch["input_ids"]
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    out = self.module.apply({"params": params}, ids, pixels, batch["attention_mask"], positions,
+                            deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
+    return out.logits_per_image
+
+  def loss(self, params, batch, rng):
+    logits = self.logits(params, batch, deterministic=False, rng=rng)
+    loss = contrastive_loss(logits)
+    accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
+    return loss, {"contrastive": loss, "retrieval_accuracy": accuracy}
+
+  def encode_batch(self, host_batch):
+    enc = self.tokenizer(list(host_batch["caption"]), padding="max_length", truncation=True,
+                         max_length=self.config.model.get("max_length", 77), return_tensors="np")
+    return {"image": np.asarray(host_batch["image"]), "input_ids": enc["input_ids"].astype(np.int32),
+            "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+  def sample_images(self, params, rng):
+    return None
+
+  def inference_config(self):
+    return {"stage": "clip"}
+
+  def export(self, params, export_dir: str):
+    """The trained CLIP as a Hugging Face folder with its tokenizer."""
+    write_clip_folder(export_dir, self.hf_config, params, self.config.model.image_size)
+    self.tokenizer.save_pretrained(export_dir)
