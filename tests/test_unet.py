@@ -175,11 +175,18 @@ def _decoder_inputs(b=2, size=16):
                text_mask=np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], bool)[:b]))
 
 
-def test_bf16_compute_stays_close_to_fp32():
+@pytest.fixture(scope="module")
+def tiny_params():
+  """One init for the tests below (compiling an init costs ~10 s on 2 cores)."""
+  return unet_lib.init_params(_tiny_decoder_config(), jax.random.PRNGKey(0))
+
+
+def test_bf16_compute_stays_close_to_fp32(tiny_params):
   cfg = _tiny_decoder_config()
-  params = unet_lib.init_params(cfg, jax.random.PRNGKey(0))
-  # Fresh init zeroes nothing in flax, but make the null/norm params non-trivial too.
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  params = tiny_params
+  # Make the zero-initialised params (null embedding, biases, norm shifts) non-trivial too.
+  noise = np.random.RandomState(1)
+  params = jax.tree.map(lambda p: p + 0.05 * noise.randn(*p.shape).astype(np.float32), params)
   x, t, kw = _decoder_inputs()
   run = lambda c: jax.jit(lambda p: unet_lib.UNet(c).apply({"params": p}, x, t, **kw))(params)
   f32 = run(cfg)
@@ -195,9 +202,9 @@ def test_bf16_compute_stays_close_to_fp32():
   assert not np.allclose(np.asarray(bf16), np.asarray(f32), atol=1e-6)  # bf16 really was used
 
 
-def test_remat_gives_identical_outputs_and_gradients():
+def test_remat_gives_identical_outputs_and_gradients(tiny_params):
   cfg = _tiny_decoder_config()
-  params = unet_lib.init_params(cfg, jax.random.PRNGKey(0))
+  params = tiny_params
   x, t, kw = _decoder_inputs()
 
   def loss(p, c):
@@ -211,9 +218,9 @@ def test_remat_gives_identical_outputs_and_gradients():
   assert float(jnp.abs(g_plain["text_proj"]["clip_image_embeddings_project_to_time_embeddings"]["kernel"]).max()) > 0
 
 
-def test_drop_image_uses_learned_null_and_bad_inputs_raise():
+def test_drop_image_uses_learned_null_and_bad_inputs_raise(tiny_params):
   cfg = _tiny_decoder_config()
-  params = unet_lib.init_params(cfg, jax.random.PRNGKey(0))
+  params = dict(tiny_params, text_proj=dict(tiny_params["text_proj"]))
   params["text_proj"]["learned_classifier_free_guidance_embeddings"] = jnp.arange(CLIP_DIM) / CLIP_DIM
   x, t, kw = _decoder_inputs()
   model = unet_lib.UNet(cfg)

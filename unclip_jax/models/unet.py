@@ -435,7 +435,8 @@ def dummy_inputs(cfg: UNetConfig, batch: int = 1, size: Optional[int] = None, te
 def init_params(cfg: UNetConfig, rng):
   """Fresh parameters for `cfg` (the "params" collection)."""
   x, t, kw = dummy_inputs(cfg)
-  return UNet(cfg).init(rng, x, t, **kw)["params"]
+  # One jitted program: eager init would compile a kernel per parameter shape.
+  return jax.jit(lambda r: UNet(cfg).init(r, x, t, **kw)["params"])(rng)
 
 
 def param_shapes(cfg: UNetConfig):

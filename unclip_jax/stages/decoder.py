@@ -112,8 +112,9 @@ def make_train_step(cfg: unet_lib.UNetConfig, schedule: Schedule, optimizer: opt
 
 
 def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, cond: dict, uncond: dict, *,
-           guidance_scale: float = 8.0, size: int = 64, sampler: str = "ddpm", **sampler_kwargs):
-  """64 px images [B, size, size, 3] guided by z_i and the caption (Karlo: 25 steps, scale 8).
+           guidance_scale=8.0, size: int = 64, sampler: str = "ddpm", **sampler_kwargs):
+  """64 px images [B, size, size, 3] guided by z_i and the caption (Karlo: 25 steps, scale 8;
+  guidance_scale may be [B], one per sample).
 
   cond: image_embed [B, D], text_embed [B, D], text_tokens [B, L, W], text_mask [B, L].
   uncond: the empty prompt's text fields, unbatched; its z_i is the learned null.
