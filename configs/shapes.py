@@ -31,6 +31,15 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
         embed_dim=16 if tiny else 64))
     c.resolution = c.model.image_size
     c.optim.update(learning_rate=1e-3 if tiny else 5e-4, weight_decay=0.1, warmup_steps=0 if tiny else 200)
+  elif stage == "prior":
+    # Latent and token shapes come from the CLIP; these size the Transformer.
+    c.model = ml_collections.ConfigDict(dict(width=32 if tiny else 256, num_layers=2 if tiny else 6,
+                                             num_heads=2 if tiny else 8))
+    c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000))
+    c.p_uncond = 0.1
+    c.resolution = 32 if tiny else 64
+    c.stats_batches = 1 if tiny else 8
+    c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   else:
     raise ValueError(f"Unknown stage {stage!r} for configs/shapes.py.")
   c.batch_size = 8 if tiny else 128

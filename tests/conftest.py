@@ -5,3 +5,19 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_clip_dir(tmp_path_factory):
+  """A randomly initialised tiny CLIP with the Shapes vocabulary, as a Hugging Face folder."""
+  import jax
+
+  from configs import shapes
+  from unclip_jax.stages import clip as clip_stage
+
+  workdir = tmp_path_factory.mktemp("shapes_clip")
+  stage = clip_stage.ClipStage(shapes.get_config("clip,tiny"), str(workdir))
+  stage.export(stage.init_params(jax.random.key(0)), str(workdir / "export"))
+  return str(workdir / "export")

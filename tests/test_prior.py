@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import PriorTransformer, UnCLIPScheduler
 
+from unclip_jax import optim, training
 from unclip_jax.convert import common, diffusers_prior
 from unclip_jax.diffusion import schedules
 from unclip_jax.models import prior as prior_lib
@@ -271,8 +272,10 @@ def test_tiny_prior_fits_a_fixed_batch():
   stats = stage.latent_stats(batch["z_i"])
   schedule = schedules.make_schedule("cosine", 1000)
   params = prior_lib.init_variables(config, jax.random.key(0))["params"]
-  tx, step = stage.make_paper_train_step(model, stats, schedule, uncond, learning_rate=2e-3)
-  state = stage.create_train_state(params, tx)
+  tx = optim.paper_adamw("prior", learning_rate=2e-3)
+  loss_fn = functools.partial(stage.prior_loss, model=model, stats=stats, schedule=schedule, uncond=uncond)
+  step = jax.jit(training.make_train_step(loss_fn, tx, ema_decay=optim.PAPER_HPARAMS["prior"]["ema_decay"]))
+  state = training.init_state(lambda rng: params, tx, jax.random.key(1))
 
   reps = {k: jnp.repeat(v, 256, axis=0) for k, v in batch.items()}
   eval_loss = jax.jit(lambda p: stage.prior_loss(p, reps, jax.random.key(99), model=model, stats=stats,
@@ -280,7 +283,7 @@ def test_tiny_prior_fits_a_fixed_batch():
   start = float(eval_loss(state.params))
   t0 = time.time()
   for _ in range(300):
-    state, metrics = step(state, batch, jax.random.key(1))
+    state, metrics = step(state, batch)
   end = float(eval_loss(state.params))
   assert int(state.step) == 300 and np.isfinite(float(metrics["loss"]))
   assert end < 0.1 * start, (start, end, time.time() - t0)

@@ -167,7 +167,8 @@ def tfds_batches(name: str, split: str, *, image_key: str, caption_key: str, dat
 
 def make_batches(data: ml_collections.ConfigDict, batch_size: int, resolution: int):
   """(start, shard_index, shard_count) -> batches, from a data config with `kind`:
-  shapes (seed), folder (path), tfds (name, split, image_key, caption_key, data_dir)."""
+  shapes (seed), folder (path), tfds (name, split, image_key, caption_key, data_dir),
+  embeddings (path: precomputed CLIP embeddings, see data/embeddings.py)."""
   kind = data.kind
   if kind == "shapes":
     return lambda start, k, n: _with_corrupt(shapes.batches(data.seed, resolution, batch_size, start=start,
@@ -181,7 +182,12 @@ def make_batches(data: ml_collections.ConfigDict, batch_size: int, resolution: i
         data.name, data.split, image_key=data.get("image_key", "image"),
         caption_key=data.get("caption_key", "captions/text"), data_dir=data.get("data_dir"), start=start,
         batch_size=batch_size, resolution=resolution, seed=data.get("seed", 0), shard_index=k, shard_count=n)
-  raise ValueError(f"Unknown data kind {kind!r}; expected 'shapes', 'folder' or 'tfds'.")
+  if kind == "embeddings":
+    from unclip_jax.data import embeddings
+    store = embeddings.EmbeddingStore(data.path)
+    return lambda start, k, n: store.batches(start, batch_size, seed=data.get("seed", 0), shard_index=k,
+                                             shard_count=n)
+  raise ValueError(f"Unknown data kind {kind!r}; expected 'shapes', 'folder', 'tfds' or 'embeddings'.")
 
 
 def _with_corrupt(stream):

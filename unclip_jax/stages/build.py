@@ -7,9 +7,25 @@ from unclip_jax.data import sources
 
 def build(config: ml_collections.ConfigDict, workdir: str):
   """The stage object the training loop drives, and its data stream."""
+  batches = sources.make_batches(config.data, config.batch_size, config.resolution)
   if config.stage == "clip":
     from unclip_jax.stages import clip
-    stage = clip.ClipStage(config, workdir)
-  else:
-    raise ValueError(f"Stage {config.stage!r} cannot be trained by train.py yet.")
-  return stage, sources.make_batches(config.data, config.batch_size, config.resolution)
+    return clip.ClipStage(config, workdir), batches
+  clip_model = _load_frozen_clip(config)
+  if config.stage == "prior":
+    from unclip_jax.stages import prior
+    stream = batches(0, 0, 1)
+    first = [prior.encode_for_prior(clip_model, next(stream)) for _ in range(config.get("stats_batches", 4))]
+    return prior.PriorStage(config, clip_model, first), batches
+  raise ValueError(f"Stage {config.stage!r} cannot be trained by train.py yet.")
+
+
+def _load_frozen_clip(config):
+  from unclip_jax.models import clip
+  if not config.get("clip_dir"):
+    raise ValueError(f"Stage {config.stage!r} needs config.clip_dir, a CLIP folder (for the Shapes world: "
+                     "train configs/shapes.py:clip first).")
+  try:
+    return clip.load_clip(config.clip_dir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.clip_dir: {e}") from e

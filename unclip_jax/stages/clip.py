@@ -26,35 +26,53 @@ def _byte_symbols() -> list[str]:
   return list(bytes_to_unicode().values())
 
 
+def _apply_merges(pieces: list[str], ranks: dict) -> list[str]:
+  """Byte-pair merging as CLIPTokenizer does it: lowest-ranked pair first."""
+  while len(pieces) > 1:
+    pairs = [(pieces[i], pieces[i + 1]) for i in range(len(pieces) - 1)]
+    best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+    if best not in ranks:
+      break
+    merged, i = [], 0
+    while i < len(pieces):
+      if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+        merged.append(pieces[i] + pieces[i + 1])
+        i += 2
+      else:
+        merged.append(pieces[i])
+        i += 1
+    pieces = merged
+  return pieces
+
+
 def write_word_tokenizer(words: Sequence[str], folder: str, max_length: int = 77):
   """A CLIPTokenizer whose vocabulary holds every byte plus these whole words.
 
-  Each word gets the chain of merges that builds it left to right, so it
-  tokenises to one token; anything else falls back to bytes. EOS has the
-  largest id, which is how transformers' CLIP finds the pooled position.
+  Each word gets merges appended (lowest priority) that join whatever the
+  earlier merges leave of it, left to right, until it is one token; earlier
+  words are unaffected because their own merges always outrank the new ones.
+  Anything else falls back to bytes. EOS has the largest id, which is how
+  transformers' CLIP finds the pooled position.
   """
   from transformers import CLIPTokenizer
 
   symbols = _byte_symbols()
-  vocab, merges = list(symbols) + [s + "</w>" for s in symbols], []
+  vocab, ranks = list(symbols) + [s + "</w>" for s in symbols], {}
   known = set(vocab)
   for word in sorted(set(w.lower() for w in words)):
-    if len(word) < 2:
-      continue
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    merged = pieces[0]
-    for piece in pieces[1:]:
-      merges.append(f"{merged} {piece}")
-      merged += piece
-      if merged not in known:
-        known.add(merged)
-        vocab.append(merged)
+    pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+    while len(pieces) > 1:
+      ranks[(pieces[0], pieces[1])] = len(ranks)
+      if pieces[0] + pieces[1] not in known:
+        known.add(pieces[0] + pieces[1])
+        vocab.append(pieces[0] + pieces[1])
+      pieces = [pieces[0] + pieces[1]] + pieces[2:]
   vocab += [BOS, EOS]
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "vocab.json"), "w") as f:
     json.dump({tok: i for i, tok in enumerate(vocab)}, f)
   with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in sorted(ranks, key=ranks.get)))
   tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
                             model_max_length=max_length)
   tokenizer.save_pretrained(folder)

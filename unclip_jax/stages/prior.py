@@ -1,5 +1,6 @@
-"""The prior stage: x0-MSE loss with classifier-free-guidance dropout, a train
-step, and guided, respaced sampling with best-of-n selection.
+"""The prior stage: x0-MSE loss with classifier-free-guidance dropout, guided,
+respaced sampling with best-of-n selection, and the `PriorStage` that
+train.py's shared loop drives (its train step is unclip_jax.training's).
 
 Conditioning is a dict of CLIP text outputs, each with a leading batch axis:
   {"z_t": [B, D], "tokens": [B, T, W], "mask": [B, T] bool}
@@ -9,16 +10,15 @@ embedding. Latents are normalised with the prior's stats (clip_mean,
 clip_std), which are kept outside the params and never trained.
 """
 
+import dataclasses
 import functools
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
-from unclip_jax import optim
+from unclip_jax import checkpoints
 from unclip_jax.diffusion import gaussian, losses, samplers, schedules
 from unclip_jax.models import prior as prior_lib
 
@@ -89,43 +89,6 @@ def prior_loss(params, batch: dict, rng, *, model: prior_lib.DiffusionPrior, sta
   return loss, {"loss": loss, "uncond_fraction": dropped.mean()}
 
 
-@flax.struct.dataclass
-class PriorTrainState:
-  """What training updates; CLIP's params and the latent stats stay outside."""
-  step: jnp.ndarray
-  params: Any
-  opt_state: Any
-  ema_params: Any
-
-
-def create_train_state(params, tx: optax.GradientTransformation) -> PriorTrainState:
-  return PriorTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                         ema_params=jax.tree.map(jnp.copy, params))
-
-
-def train_step(state: PriorTrainState, batch: dict, rng, *, model, stats, schedule, uncond,
-               tx: optax.GradientTransformation, p_uncond: float = 0.1, ema_decay: float = 0.9999):
-  """One AdamW step on prior_loss, then the EMA update. jit with model/tx/p_uncond/ema_decay bound."""
-  loss_fn = functools.partial(prior_loss, model=model, stats=stats, schedule=schedule, uncond=uncond,
-                              p_uncond=p_uncond)
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, jax.random.fold_in(rng, state.step))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optim.ema_update(state.ema_params, params, ema_decay)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
-
-
-def make_paper_train_step(model, stats, schedule, uncond, *, learning_rate=None, p_uncond: float = 0.1,
-                          **adamw_overrides):
-  """(tx, jitted step(state, batch, rng)) with the paper's prior AdamW (Table 3)."""
-  tx = optim.paper_adamw("prior", learning_rate, **adamw_overrides)
-  ema_decay = optim.PAPER_HPARAMS["prior"]["ema_decay"]
-  step = jax.jit(functools.partial(train_step, model=model, schedule=schedule, tx=tx, p_uncond=p_uncond,
-                                   ema_decay=ema_decay))
-  return tx, lambda state, batch, rng: step(state, batch, rng, stats=stats, uncond=uncond)
-
-
 def sample_prior(model: prior_lib.DiffusionPrior, variables, cond: dict, uncond: dict, rng, *,
                  num_steps: int = 25, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 4.0,
                  clip_range: float | None = 5.0, num_candidates: int = 2, noise_schedule: str = "cosine",
@@ -166,3 +129,51 @@ def sample_prior(model: prior_lib.DiffusionPrior, variables, cond: dict, uncond:
   scores = jnp.einsum("bnd,bd->bn", z_i, cond["z_t"].astype(z_i.dtype))
   best = jnp.argmax(scores, axis=1)
   return jnp.take_along_axis(z_i, best[:, None, None], axis=1)[:, 0]  # [B, D]
+
+
+class PriorStage:
+  """Trains the prior on (caption, image) pairs encoded by a frozen CLIP, or on
+  precomputed embeddings (data kind "embeddings")."""
+
+  def __init__(self, config: ml_collections.ConfigDict, clip, first_batches):
+    """first_batches: encoded batches from the stream's start, for clip_mean / clip_std."""
+    self.config = config
+    self.clip = clip
+    # The CLIP fixes the latent and token shapes; the config sets the Transformer's size.
+    self.model_config = prior_lib.PriorConfig(clip_dim=clip.embed_dim, text_width=clip.text_width,
+                                              num_text_tokens=clip.max_length, **config.model.to_dict())
+    self.model = prior_lib.DiffusionPrior(self.model_config, jnp.dtype(config.get("compute_dtype", "float32")))
+    self.schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    self.uncond = {k: np.asarray(v) for k, v in text_conditioning(clip.encode_text([""])).items()}
+    z_i = np.concatenate([b["z_i"] for b in first_batches])
+    self.stats = latent_stats(z_i)
+    self._loss = functools.partial(prior_loss, model=self.model, stats=self.stats, schedule=self.schedule,
+                                   uncond=self.uncond, p_uncond=config.get("p_uncond", 0.1))
+
+  def init_params(self, rng):
+    return prior_lib.init_variables(self.model_config, rng)["params"]
+
+  def loss(self, params, batch, rng):
+    return self._loss(params, batch, rng)
+
+  def encode_batch(self, host_batch):
+    return encode_for_prior(self.clip, host_batch)
+
+  def sample_images(self, params, rng):
+    return None  # the prior makes embeddings; the decoder's grids show them
+
+  def inference_config(self):
+    return {"stage": "prior", "model": dataclasses.asdict(self.model_config),
+            "diffusion": self.config.diffusion.to_dict()}
+
+  def export(self, params, export_dir: str):
+    checkpoints.export_inference(export_dir, {"params": params, "stats": self.stats}, self.inference_config())
+
+
+def encode_for_prior(clip, host_batch) -> dict:
+  """Host batch -> {z_t, tokens, mask, z_i}; batches of precomputed embeddings pass through."""
+  if "z_i" in host_batch:
+    return {k: np.asarray(host_batch[k]) for k in (*COND_KEYS, "z_i")}
+  text = clip.encode_text(list(host_batch["caption"]))
+  return {"z_t": np.asarray(text.embedding), "tokens": np.asarray(text.tokens), "mask": np.asarray(text.mask),
+          "z_i": np.asarray(clip.encode_image(host_batch["image"], value_range=(0, 255)))}
