@@ -160,6 +160,26 @@ def test_config_from_diffusers_rejects_unsupported_options():
     diffusers_unet.config_from_diffusers(dict(base, resnet_out_scale_factor=2.0))
 
 
+def test_karlo_configs_from_diffusers_json_equal_the_named_configs():
+  # config.json values of Karlo's decoder / text_proj / super_res_{first,last} folders (diffusers' defaults omitted).
+  decoder_json = dict(
+      _class_name="UNet2DConditionModel", sample_size=64, layers_per_block=3, in_channels=3, out_channels=6,
+      down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
+      up_block_types=["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+      mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=[320, 640, 960, 1280],
+      cross_attention_dim=1536, class_embed_type="identity", attention_head_dim=64,
+      resnet_time_scale_shift="scale_shift")
+  text_proj_json = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768, time_embed_dim=1280,
+                        cross_attention_dim=1536)
+  sr_json = dict(_class_name="UNet2DModel", sample_size=256, layers_per_block=3, in_channels=6, out_channels=3,
+                 down_block_types=["ResnetDownsampleBlock2D"] * 4, up_block_types=["ResnetUpsampleBlock2D"] * 4,
+                 block_out_channels=[320, 640, 960, 1280], add_attention=False)
+  assert diffusers_unet.config_from_diffusers(decoder_json, text_proj_json) == unet_lib.karlo_decoder()
+  assert diffusers_unet.config_from_diffusers(sr_json) == unet_lib.karlo_super_res()
+  with pytest.raises(ConversionError, match="time_embed_dim"):
+    diffusers_unet.config_from_diffusers(decoder_json, dict(text_proj_json, time_embed_dim=1024))
+
+
 def _tiny_decoder_config(**kw):
   return unet_lib.UNetConfig(block_channels=(32, 64), layers_per_block=1, attention_levels=(False, True),
                              mid_attention=True, head_dim=16, out_channels=6, context_dim=24, norm_groups=8,

@@ -450,7 +450,8 @@ def param_shapes(cfg: UNetConfig):
 
 
 def karlo_decoder(**overrides) -> UNetConfig:
-  """Karlo's 64 px decoder as diffusers builds it (DECODER_CONFIG + UnCLIPTextProjModel)."""
+  """Karlo's 64 px decoder as diffusers builds it (DECODER_CONFIG + UnCLIPTextProjModel).
+  Dropout is 0 as in diffusers' config; Karlo trained with 0.1 (pass dropout=0.1 to fine-tune)."""
   cfg = UNetConfig(block_channels=(320, 640, 960, 1280), layers_per_block=3,
                    attention_levels=(False, True, True, True), mid_attention=True, head_dim=64,
                    in_channels=3, out_channels=6, context_dim=1536, scale_shift=True,

@@ -55,6 +55,9 @@ def drop_conditioning(rng, batch: dict, uncond: dict, *, p_drop_image: float = 0
 
   uncond holds unbatched text_embed [D], text_tokens [L, W], text_mask [L].
   """
+  missing = [k for k in ("image",) + TEXT_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"The decoder batch lacks {missing}; it needs image, image_embed and {TEXT_KEYS}.")
   b = batch["image"].shape[0]
   k_img, k_txt = jax.random.split(rng)
   drop_image = jax.random.bernoulli(k_img, p_drop_image, (b,))
