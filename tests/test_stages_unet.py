@@ -2,12 +2,14 @@
 fixed tiny batch with the paper's optimiser (the loss must fall below 30% of
 its start, measured on fixed timesteps and noise)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import optim
+from unclip_jax import optim, training
 from unclip_jax.diffusion import samplers
 from unclip_jax.diffusion.schedules import make_schedule
 from unclip_jax.models import unet as unet_lib
@@ -91,14 +93,14 @@ def test_decoder_overfits_tiny_batch(decoder_params):
   schedule = make_schedule("cosine", 1000)
   batch, uncond = _decoder_batch()
   opt = optim.paper_adamw("decoder", learning_rate=2e-3)
-  state = decoder.create_train_state(decoder_params, opt, ema=False)
-  step = jax.jit(decoder.make_train_step(cfg, schedule, opt, ema_decay=None))
+  state = training.init_state(lambda rng: decoder_params, opt, jax.random.PRNGKey(7))
+  loss = functools.partial(decoder.training_loss, cfg=cfg, schedule=schedule, uncond=uncond)
+  step = jax.jit(training.make_train_step(loss, opt, ema_decay=0.9999))
   cond_batch = dict(batch, drop_image=np.zeros(2, bool))
   evaluate = jax.jit(_fixed_eval(lambda p, k: decoder.loss_fn(p, cfg, schedule, cond_batch, k, train=False)[0]))
   start = float(evaluate(state.params))
-  rng = jax.random.PRNGKey(7)
   for _ in range(80):
-    state, metrics = step(state, batch, uncond, rng)
+    state, metrics = step(state, batch)
   end = float(evaluate(state.params))
   assert int(state.step) == 80 and "vlb" in metrics and np.isfinite(float(metrics["loss"]))
   assert end < 0.3 * start, (start, end)
@@ -120,21 +122,22 @@ def test_upsampler_overfits_tiny_batch_on_quarter_crops(sr_params):
   image = _images(2, 32, seed=3)
   low_res = np.asarray(jax.image.resize(image, (2, 8, 8, 3), "bicubic"))
   opt = optim.paper_adamw("sr1", learning_rate=2e-3)
-  state = upsampler.create_train_state(sr_params, opt, ema=False)
+  state = training.init_state(lambda rng: sr_params, opt, jax.random.PRNGKey(5))
   seen = []
 
   def degrade(rng, x):  # records the shape the degradation sees (the whole low-res image)
     seen.append(x.shape)
     return x + 0.01 * jax.random.normal(rng, x.shape)
 
-  step = jax.jit(upsampler.make_train_step(cfg, schedule, opt, crop_fraction=0.25, degrade=degrade, ema_decay=None))
+  loss = functools.partial(upsampler.training_loss, cfg=cfg, schedule=schedule, crop_fraction=0.25,
+                           degrade=degrade)
+  step = jax.jit(training.make_train_step(loss, opt, ema_decay=0.9999))
   low_up = unet_lib.resize_low_res(jnp.asarray(low_res), (32, 32))
   evaluate = jax.jit(_fixed_eval(lambda p, k: upsampler.loss_fn(p, cfg, schedule, image, low_up, k,
                                                                 train=False)[0]))
   start = float(evaluate(state.params))  # measured at full size
-  rng = jax.random.PRNGKey(5)
   for _ in range(80):
-    state, metrics = step(state, dict(image=image, low_res=low_res), rng)
+    state, metrics = step(state, dict(image=image, low_res=low_res))
   end = float(evaluate(state.params))
   assert seen == [(2, 8, 8, 3)]
   assert end < 0.3 * start, (start, end)

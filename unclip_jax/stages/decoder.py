@@ -6,14 +6,9 @@ the time and the caption for the empty prompt's encodings 50% of the time, so
 one network serves both halves of classifier-free guidance.
 """
 
-from typing import Any, Optional
-
-import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
-from unclip_jax import optim
 from unclip_jax.diffusion import gaussian, losses, samplers
 from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import unet as unet_lib
@@ -21,32 +16,9 @@ from unclip_jax.models import unet as unet_lib
 TEXT_KEYS = ("text_embed", "text_tokens", "text_mask")
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a training step updates; ema_params is None without EMA."""
-  step: jnp.ndarray
-  params: Any
-  opt_state: Any
-  ema_params: Any = None
-
-
-def create_train_state(params, optimizer: optax.GradientTransformation, *, ema: bool = True) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
-
-
 def variance_type(cfg: unet_lib.UNetConfig) -> str:
   """6 output channels for 3 input channels means a learned variance range."""
   return "learned_range" if cfg.out_channels == 2 * cfg.in_channels else "fixed_small"
-
-
-def apply_update(state: TrainState, grads, optimizer, ema_decay: Optional[float]) -> TrainState:
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
-  if ema is not None and ema_decay is not None:
-    ema = optim.ema_update(ema, params, ema_decay)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def drop_conditioning(rng, batch: dict, uncond: dict, *, p_drop_image: float = 0.1, p_drop_text: float = 0.5):
@@ -94,24 +66,18 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, batch: dict, r
   return jnp.mean(loss), {k: jnp.mean(v) for k, v in parts.items()}
 
 
-def make_train_step(cfg: unet_lib.UNetConfig, schedule: Schedule, optimizer: optax.GradientTransformation, *,
-                    p_drop_image: float = 0.1, p_drop_text: float = 0.5, ema_decay: Optional[float] = 0.9999):
-  """train_step(state, batch, uncond, rng) -> (state, metrics), ready to jit.
+def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedule: Schedule, uncond: dict,
+                  p_drop_image: float = 0.1, p_drop_text: float = 0.5):
+  """CFG drops, then loss_fn: the shared loss_fn(params, batch, rng) once the
+  keywords are bound (unclip_jax.training.make_train_step takes it from there).
 
   uncond: the empty prompt's text_embed [D], text_tokens [L, W], text_mask [L].
   """
   if cfg.text_proj is None:
     raise ValueError("The decoder stage needs a U-Net config with text_proj (the CLIP conditioning).")
-
-  def train_step(state: TrainState, batch: dict, uncond: dict, rng):
-    rng = jax.random.fold_in(rng, state.step)
-    k_drop, k_loss = jax.random.split(rng)
-    batch = drop_conditioning(k_drop, batch, uncond, p_drop_image=p_drop_image, p_drop_text=p_drop_text)
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, schedule, batch, k_loss)
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
-    return apply_update(state, grads, optimizer, ema_decay), metrics
-
-  return train_step
+  k_drop, k_loss = jax.random.split(rng)
+  batch = drop_conditioning(k_drop, batch, uncond, p_drop_image=p_drop_image, p_drop_text=p_drop_text)
+  return loss_fn(params, cfg, schedule, batch, k_loss)
 
 
 def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, cond: dict, uncond: dict, *,

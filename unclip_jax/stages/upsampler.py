@@ -12,14 +12,11 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from unclip_jax.diffusion import gaussian, losses, samplers
 from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import unet as unet_lib
-from unclip_jax.stages.decoder import TrainState, apply_update, create_train_state, variance_type
-
-__all__ = ["TrainState", "create_train_state", "random_crop_pair", "loss_fn", "make_train_step", "sample"]
+from unclip_jax.stages.decoder import variance_type
 
 Degrade = Callable[[jax.Array, jax.Array], jax.Array]  # degrade(rng, low_res [B, h, w, C]) -> same shape
 
@@ -63,10 +60,9 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res
   return jnp.mean(loss), {k: jnp.mean(v) for k, v in parts.items()}
 
 
-def make_train_step(cfg: unet_lib.UNetConfig, schedule: Schedule, optimizer: optax.GradientTransformation, *,
-                    crop_fraction: float = 0.25, degrade: Optional[Degrade] = None,
-                    ema_decay: Optional[float] = 0.9999):
-  """train_step(state, batch, rng) -> (state, metrics), ready to jit.
+def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedule: Schedule,
+                  crop_fraction: float = 0.25, degrade: Optional[Degrade] = None):
+  """The shared loss_fn(params, batch, rng) once the keywords are bound.
 
   batch: image [B, H, W, 3] (the full-size target, [-1, 1]) and low_res
   [B, h, w, 3]. degrade(rng, low_res) is applied to the whole low-res image,
@@ -75,26 +71,17 @@ def make_train_step(cfg: unet_lib.UNetConfig, schedule: Schedule, optimizer: opt
   """
   if not cfg.low_res_channels:
     raise ValueError("The upsampler stage needs a U-Net config with low_res_channels > 0.")
+  k_deg, k_crop, k_loss = jax.random.split(rng, 3)
+  image, low_res = jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["low_res"], jnp.float32)
+  crop = int(round(image.shape[1] * crop_fraction))
   factor = 2 ** (cfg.levels - 1)
-
-  def train_step(state: TrainState, batch: dict, rng):
-    rng = jax.random.fold_in(rng, state.step)
-    k_deg, k_crop, k_loss = jax.random.split(rng, 3)
-    image, low_res = jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["low_res"], jnp.float32)
-    h = image.shape[1]
-    crop = int(round(h * crop_fraction))
-    if crop % factor:
-      raise ValueError(f"Crop size {crop} (= {crop_fraction} x {h}) must be divisible by {factor}.")
-    if degrade is not None:
-      low_res = degrade(k_deg, low_res)
-    low_up = unet_lib.resize_low_res(low_res, image.shape[1:3])
-    image, low_up = random_crop_pair(k_crop, image, low_up, crop)
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, schedule, image, low_up,
-                                                                     k_loss)
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
-    return apply_update(state, grads, optimizer, ema_decay), metrics
-
-  return train_step
+  if crop % factor:
+    raise ValueError(f"Crop size {crop} (= {crop_fraction} x {image.shape[1]}) must be divisible by {factor}.")
+  if degrade is not None:
+    low_res = degrade(k_deg, low_res)
+  low_up = unet_lib.resize_low_res(low_res, image.shape[1:3])
+  image, low_up = random_crop_pair(k_crop, image, low_up, crop)
+  return loss_fn(params, cfg, schedule, image, low_up, k_loss)
 
 
 def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *, size: int,
