@@ -40,6 +40,34 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.resolution = 32 if tiny else 64
     c.stats_batches = 1 if tiny else 8
     c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
+  elif stage == "decoder":
+    # 16 px images from z_i and the caption; CLIP sees the data at its own resolution.
+    c.resolution = 32 if tiny else 64
+    c.decoder_resolution = 16
+    c.model = ml_collections.ConfigDict(dict(
+        block_channels=[32, 32] if tiny else [64, 128, 128], layers_per_block=1 if tiny else 2,
+        attention_levels=[False, True] if tiny else [False, True, True], mid_attention=True,
+        head_dim=16 if tiny else 32, context_dim=32 if tiny else 128, norm_groups=8 if tiny else 32,
+        dropout=0.0 if tiny else 0.1, extra_tokens=4))
+    c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000,
+                                                 variance_type="learned_range"))
+    c.p_drop_image, c.p_drop_text = 0.1, 0.5
+    c.sample_steps, c.guidance_scale = (4 if tiny else 25), 3.0
+    c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
+  elif stage in ("sr1", "sr2"):
+    # A two-stage cascade, 16 -> 32 (blurred conditioning) -> 64 (BSR-degraded conditioning).
+    c.low_res_resolution = 16 if stage == "sr1" else 32
+    c.resolution = 2 * c.low_res_resolution
+    c.augmentation = "blur" if stage == "sr1" else "bsr"
+    c.crop_fraction = 0.5 if tiny else 0.25
+    c.model = ml_collections.ConfigDict(dict(
+        block_channels=[16, 32] if tiny else [32, 64, 64], layers_per_block=1 if tiny else 2,
+        attention_levels=[False, False] if tiny else [False, False, False], mid_attention=False,
+        norm_groups=8 if tiny else 16, dropout=0.0 if tiny else 0.1))
+    c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine" if stage == "sr1" else "linear",
+                                                 num_timesteps=1000))
+    c.sample_steps, c.sampler = (4 if tiny else 27 if stage == "sr1" else 15), "ddim"
+    c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   else:
     raise ValueError(f"Unknown stage {stage!r} for configs/shapes.py.")
   c.batch_size = 8 if tiny else 128

@@ -193,6 +193,6 @@ def write_samples(stage: Stage, state: training.TrainState, workdir: str, writer
   images = stage.sample_images(state.ema_params, jax.random.fold_in(jax.random.key(0), step))
   if images is None or jax.process_index() > 0:
     return
-  grid = imaging.make_grid(images)
+  grid = imaging.make_grid(images, getattr(stage, "grid_columns", None))
   imaging.save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
   writer.write_images(step, {"samples": grid[None]})

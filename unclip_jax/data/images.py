@@ -24,3 +24,17 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
   image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
   left, top = (new_w - size) // 2, (new_h - size) // 2
   return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def resize_batch(images, size: int) -> np.ndarray:
+  """uint8 [N, H, W, C] -> [N, size, size, C], bicubic with antialiasing (PIL)."""
+  images = np.asarray(images)
+  if images.shape[1:3] == (size, size):
+    return images
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC, reducing_gap=None))
+                   for im in images])
+
+
+def to_model_range(images) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1], the diffusion models' range."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0

@@ -73,6 +73,24 @@ class UNetConfig:
   def levels(self) -> int:
     return len(self.block_channels)
 
+  def to_dict(self) -> dict:
+    """JSON-ready (inference checkpoints store it)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "UNetConfig":
+    """Inverse of to_dict; unknown keys are an error that names them."""
+    d = dict(d)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"Unknown U-Net config keys {unknown}.")
+    for key in ("block_channels", "attention_levels"):
+      if key in d:
+        d[key] = tuple(d[key])
+    if d.get("text_proj") is not None and not isinstance(d["text_proj"], TextProjConfig):
+      d["text_proj"] = TextProjConfig(**d["text_proj"])
+    return cls(**d)
+
   @property
   def temb_dim(self) -> int:
     return self.time_embed_dim or 4 * self.block_channels[0]

@@ -11,13 +11,19 @@ def build(config: ml_collections.ConfigDict, workdir: str):
   if config.stage == "clip":
     from unclip_jax.stages import clip
     return clip.ClipStage(config, workdir), batches
+  if config.stage in ("sr1", "sr2"):
+    from unclip_jax.stages import upsampler
+    return upsampler.UpsamplerStage(config, next(batches(0, 0, 1))), batches
   clip_model = _load_frozen_clip(config)
   if config.stage == "prior":
     from unclip_jax.stages import prior
     stream = batches(0, 0, 1)
     first = [prior.encode_for_prior(clip_model, next(stream)) for _ in range(config.get("stats_batches", 4))]
     return prior.PriorStage(config, clip_model, first), batches
-  raise ValueError(f"Stage {config.stage!r} cannot be trained by train.py yet.")
+  if config.stage == "decoder":
+    from unclip_jax.stages import decoder
+    return decoder.DecoderStage(config, clip_model, next(batches(0, 0, 1))), batches
+  raise ValueError(f"Unknown stage {config.stage!r}; expected clip, prior, decoder, sr1 or sr2.")
 
 
 def _load_frozen_clip(config):

@@ -6,11 +6,16 @@ the time and the caption for the empty prompt's encodings 50% of the time, so
 one network serves both halves of classifier-free guidance.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from unclip_jax import imaging
+from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import gaussian, losses, samplers
-from unclip_jax.diffusion.schedules import Schedule
+from unclip_jax.diffusion.schedules import Schedule, make_schedule
 from unclip_jax.models import unet as unet_lib
 
 TEXT_KEYS = ("text_embed", "text_tokens", "text_mask")
@@ -104,3 +109,67 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, cond: dict
   x = samplers.sample(guided, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
                       prediction_type="eps", variance_type=variance_type(cfg), **sampler_kwargs)
   return jnp.clip(x, -1.0, 1.0)
+
+
+class DecoderStage:
+  """Trains the decoder on images whose z_i and captions a frozen CLIP encodes.
+
+  Data arrive at CLIP's resolution (CLIP embeds them there) and are resized
+  to the decoder's resolution for the diffusion target.
+  """
+  grid_columns = 4  # two [original, reconstruction] pairs per row
+
+  def __init__(self, config, clip, eval_batch: dict):
+    self.config = config
+    self.clip = clip
+    model = config.model.to_dict()
+    extra_tokens = model.pop("extra_tokens", 4)
+    self.unet_config = unet_lib.UNetConfig.from_dict(dict(
+        model, in_channels=3, out_channels=6 if config.diffusion.variance_type == "learned_range" else 3,
+        dtype=config.get("compute_dtype", "float32"),
+        text_proj=unet_lib.TextProjConfig(clip_dim=clip.embed_dim, text_dim=clip.text_width,
+                                          extra_tokens=extra_tokens))).validate()
+    self.schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    empty = clip.encode_text([""])
+    self.uncond = {"text_embed": np.asarray(empty.embedding[0]), "text_tokens": np.asarray(empty.tokens[0]),
+                   "text_mask": np.asarray(empty.mask[0])}
+    self._loss = functools.partial(training_loss, cfg=self.unet_config, schedule=self.schedule, uncond=self.uncond,
+                                   p_drop_image=config.get("p_drop_image", 0.1),
+                                   p_drop_text=config.get("p_drop_text", 0.5))
+    n = config.get("num_sample_images", 8)
+    self.eval = {k: v[:n] for k, v in self.encode_batch(eval_batch).items()}
+
+  def init_params(self, rng):
+    r, b = self.config.decoder_resolution, 1
+    cfg = self.unet_config
+    tokens = self.uncond["text_tokens"]
+    return jax.jit(lambda key: unet_lib.UNet(cfg).init(
+        key, jnp.zeros((b, r, r, 3)), jnp.zeros((b,), jnp.int32), image_embed=jnp.zeros((b, cfg.text_proj.clip_dim)),
+        text_embed=jnp.zeros((b, cfg.text_proj.clip_dim)), text_tokens=jnp.zeros((b,) + tokens.shape),
+        text_mask=jnp.ones((b, tokens.shape[0]), bool))["params"])(rng)
+
+  def loss(self, params, batch, rng):
+    return self._loss(params, batch, rng)
+
+  def encode_batch(self, host_batch):
+    text = self.clip.encode_text(list(host_batch["caption"]))
+    image = images_lib.resize_batch(host_batch["image"], self.config.decoder_resolution)
+    return {"image": images_lib.to_model_range(image),
+            "image_embed": np.asarray(self.clip.encode_image(host_batch["image"], value_range=(0, 255))),
+            "text_embed": np.asarray(text.embedding), "text_tokens": np.asarray(text.tokens),
+            "text_mask": np.asarray(text.mask)}
+
+  def sample_images(self, params, rng):
+    """Reconstructions of fixed training images from their z_i and captions, beside the originals."""
+    cond = {k: jnp.asarray(self.eval[k]) for k in ("image_embed",) + TEXT_KEYS}
+    schedule = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps,
+                             self.config.get("sample_steps", 25))
+    out = sample(params, self.unet_config, schedule, rng, cond, self.uncond,
+                 guidance_scale=self.config.get("guidance_scale", 3.0), size=self.config.decoder_resolution,
+                 clip_range=1.0)
+    pairs = np.stack([self.eval["image"], np.asarray(out)], axis=1).reshape((-1,) + out.shape[1:])
+    return imaging.to_uint8(pairs)
+
+  def inference_config(self):
+    return {"stage": "decoder", "model": self.unet_config.to_dict(), "resolution": self.config.decoder_resolution,
+            "diffusion": self.config.diffusion.to_dict()}

@@ -8,13 +8,17 @@ crop sees exactly the conditioning it would see at sampling time (the model's
 own resize is the identity on an input already at its size).
 """
 
+import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from unclip_jax import imaging
+from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import gaussian, losses, samplers
-from unclip_jax.diffusion.schedules import Schedule
+from unclip_jax.diffusion.schedules import Schedule, make_schedule
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages.decoder import variance_type
 
@@ -105,3 +109,57 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *
   x = samplers.sample(model_fn, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
                       prediction_type="eps", variance_type=variance_type(cfg), **sampler_kwargs)
   return jnp.clip(x, -1.0, 1.0)
+
+
+class UpsamplerStage:
+  """Trains an upsampler on (degraded low-res, high-res) pairs made on the host.
+
+  The corruption (none / blur / BSR, unclip_jax/data/degradations.py) runs in
+  the input pipeline, seeded by each example's stream index, so it is the
+  same on every resume and every host count.
+  """
+  grid_columns = 6  # two [low-res, sample, target] triplets per row
+
+  def __init__(self, config, eval_batch: dict):
+    self.config = config
+    self.unet_config = unet_lib.UNetConfig.from_dict(dict(
+        config.model.to_dict(), in_channels=3, low_res_channels=3, out_channels=3,
+        dtype=config.get("compute_dtype", "float32"))).validate()
+    self.schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    self._loss = functools.partial(training_loss, cfg=self.unet_config, schedule=self.schedule,
+                                   crop_fraction=config.get("crop_fraction", 0.25))
+    n = config.get("num_sample_images", 8)
+    self.eval = {k: v[:n] for k, v in self.encode_batch(eval_batch).items()}
+
+  def init_params(self, rng):
+    r, lr = self.config.resolution, self.config.low_res_resolution
+    return jax.jit(lambda key: unet_lib.UNet(self.unet_config).init(
+        key, jnp.zeros((1, r, r, 3)), jnp.zeros((1,), jnp.int32), low_res=jnp.zeros((1, lr, lr, 3)))["params"])(rng)
+
+  def loss(self, params, batch, rng):
+    return self._loss(params, batch, rng)
+
+  def encode_batch(self, host_batch):
+    from unclip_jax.data import degradations
+
+    image = np.asarray(host_batch["image"])
+    seeds = [(self.config.seed, int(i)) for i in host_batch["index"]]
+    low = degradations.make_low_res_batch(image, self.config.augmentation, self.config.low_res_resolution, seeds)
+    return {"image": images_lib.to_model_range(image), "low_res": images_lib.to_model_range(low)}
+
+  def sample_images(self, params, rng):
+    """Upsampled fixed low-res images: [low-res (nearest), sample, target] per example."""
+    schedule = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps,
+                             self.config.get("sample_steps", 25))
+    low = jnp.asarray(self.eval["low_res"])
+    out = np.asarray(sample(params, self.unet_config, schedule, rng, low, size=self.config.resolution,
+                            sampler=self.config.get("sampler", "ddim"), clip_range=1.0))
+    factor = self.config.resolution // self.config.low_res_resolution
+    nearest = np.repeat(np.repeat(np.asarray(low), factor, axis=1), factor, axis=2)
+    rows = np.stack([nearest, out, self.eval["image"]], axis=1).reshape((-1,) + out.shape[1:])
+    return imaging.to_uint8(rows)
+
+  def inference_config(self):
+    return {"stage": self.config.stage, "model": self.unet_config.to_dict(), "resolution": self.config.resolution,
+            "low_res_resolution": self.config.low_res_resolution, "augmentation": self.config.augmentation,
+            "diffusion": self.config.diffusion.to_dict()}
