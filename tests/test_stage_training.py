@@ -125,3 +125,19 @@ def test_upsampler_conditioning_is_degraded_per_example_and_reproducible(tmp_pat
   assert a["low_res"].shape == (8, 32, 32, 3) and a["image"].shape == (8, 64, 64, 3)  # 32 -> 64
   plain = np.asarray(jax.image.resize(a["image"], (8, 32, 32, 3), "linear", antialias=True))
   assert np.abs(a["low_res"] - plain).mean() > 0.01  # BSR did more than resize
+
+
+@pytest.mark.parametrize("stage_name", ["clip", "prior", "decoder", "sr1", "sr2"])
+def test_every_stage_trains_on_tfds_mock_data(stage_name, tmp_path, shapes_clip_dir):
+  import tensorflow_datasets as tfds
+
+  config = shapes.get_config(f"{stage_name},tiny")
+  config.clip_dir = shapes_clip_dir
+  config.total_steps = 1
+  config.data = {"kind": "tfds", "name": "coco_captions", "split": "train", "image_key": "image",
+                 "caption_key": "captions/text", "data_dir": None, "seed": 0}
+  with tfds.testing.mock_data(num_examples=16):
+    stage, batches = build.build(config, str(tmp_path))
+    state = train_loop.train(config, str(tmp_path), stage, batches)
+  assert int(state.step) == 1
+  assert os.path.isdir(tmp_path / "export")
