@@ -1,41 +1,68 @@
-"""The unCLIP paper's per-stage training and sampling settings (Table 3).
+"""The unCLIP paper's stages at full size (Table 3), on your own data and OpenAI's CLIP.
 
-Architecture-free: model configs build on these. Inspect with
-  python -c "from configs import paper; print(paper.get_config('decoder'))"
-Training with them arrives with train.py (issue #5):
-  python train.py --config configs/paper.py:decoder --workdir /tmp/decoder
+  python train.py --config configs/paper.py:decoder --workdir runs/paper/decoder \\
+      --config.clip_dir=/path/to/clip-vit-large-patch14 --config.data.path=/path/to/images
+
+ARG is prior, decoder, sr1 (64 -> 256) or sr2 (256 -> 1024). Data default to a
+folder of image-caption pairs (or webdataset shards); set --config.data.kind=tfds
+and --config.data.name=coco_captions for tensorflow-datasets. The mesh defaults
+to FSDP over every device; these models do not fit one device's memory.
 """
 
 import ml_collections
 
-from unclip_jax import optim
+from configs import common
+from unclip_jax.models import unet as unet_lib
 
+# schedule, sampling steps, sampler, variance, prediction (Table 3)
 _DIFFUSION = {
-    # schedule, training steps, sampling steps, sampler, variance, prediction
-    "prior": ("cosine", 1000, 64, "ddpm", "fixed_small", "x0"),
-    "decoder": ("cosine", 1000, 250, "ddpm", "learned_range", "eps"),
-    "sr1": ("cosine", 1000, 27, "ddim", "fixed_small", "eps"),
-    "sr2": ("linear", 1000, 15, "ddim", "fixed_small", "eps"),
+    "prior": ("cosine", 64, "ddpm", "fixed_small", "x0"),
+    "decoder": ("cosine", 250, "ddpm", "learned_range", "eps"),
+    "sr1": ("cosine", 27, "ddim", "fixed_small", "eps"),
+    "sr2": ("linear", 15, "ddim", "fixed_small", "eps"),
 }
 _BATCH = {"prior": 4096, "decoder": 2048, "sr1": 1024, "sr2": 512}
 _ITERATIONS = {"prior": 600_000, "decoder": 800_000, "sr1": 1_000_000, "sr2": 1_000_000}
+# Set by the stage (from the CLIP and the stage's role), not by the config.
+_DERIVED = ("in_channels", "out_channels", "low_res_channels", "text_proj", "dtype")
+
+
+def _unet_model(cfg: unet_lib.UNetConfig, **extra) -> ml_collections.ConfigDict:
+  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items() if k not in _DERIVED}
+  return ml_collections.ConfigDict(dict(fields, **extra))
 
 
 def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
   if stage not in _DIFFUSION:
     raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(_DIFFUSION)}.")
-  schedule, train_steps, sample_steps, sampler, variance, prediction = _DIFFUSION[stage]
-  c = ml_collections.ConfigDict()
-  c.stage = stage
-  c.diffusion = ml_collections.ConfigDict(dict(
-      schedule=schedule, num_timesteps=train_steps, prediction_type=prediction, variance_type=variance))
-  c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=sample_steps, sampler=sampler, eta=0.0, spacing="linspace"))
-  hp = optim.PAPER_HPARAMS[stage]
-  c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=hp["learning_rate"], b1=0.9, b2=hp["b2"], eps=hp["eps"],
-      weight_decay=hp["weight_decay"], grad_clip_norm=1.0))
-  c.ema_decay = hp["ema_decay"]
+  schedule, sample_steps, sampler, variance, prediction = _DIFFUSION[stage]
+  c = common.base_config(stage)
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.compute_dtype = "bfloat16"
+  c.clip_dir = ""  # e.g. a saved openai/clip-vit-large-patch14
+  c.data = ml_collections.ConfigDict(dict(kind="folder", path="", name="coco_captions", split="train",
+                                          image_key="image", caption_key="captions/text", data_dir=None,
+                                          seed=0))
+  c.diffusion = ml_collections.ConfigDict(dict(schedule=schedule, num_timesteps=1000, variance_type=variance,
+                                               prediction_type=prediction))
+  c.sample_steps, c.sampler = sample_steps, sampler
   c.batch_size = _BATCH[stage]
   c.total_steps = _ITERATIONS[stage]
+  c.log_every, c.checkpoint_every, c.sample_every = 100, 5000, 5000
+  if stage == "prior":
+    c.model = ml_collections.ConfigDict(dict(width=2048, num_layers=24, num_heads=32))
+    c.p_uncond = 0.1
+    c.resolution = 224  # what CLIP embeds
+    c.stats_batches = 16
+  elif stage == "decoder":
+    c.model = _unet_model(unet_lib.paper_decoder(), extra_tokens=4)
+    c.resolution, c.decoder_resolution = 224, 64
+    c.p_drop_image, c.p_drop_text = 0.1, 0.5
+    c.guidance_scale = 3.0
+  else:
+    factory = unet_lib.paper_sr_64_256 if stage == "sr1" else unet_lib.paper_sr_256_1024
+    c.model = _unet_model(factory())
+    c.low_res_resolution, c.resolution = (64, 256) if stage == "sr1" else (256, 1024)
+    c.augmentation = "blur" if stage == "sr1" else "bsr"
+    c.crop_fraction = 0.25
   return c

@@ -78,3 +78,23 @@ def test_ema_update_closed_form():
   for _ in range(10):
     ema = optim.ema_update(ema, params, 0.9)
   np.testing.assert_allclose(ema["w"], 1 - 0.9 ** 10, rtol=1e-6)
+
+
+@pytest.mark.parametrize("stage,lr,b2,eps,batch", [("prior", 1.1e-4, 0.96, 1e-6, 4096),
+                                                   ("decoder", 1.2e-4, 0.999, 1e-8, 2048),
+                                                   ("sr1", 1.2e-4, 0.999, 1e-8, 1024),
+                                                   ("sr2", 1.0e-4, 0.999, 1e-8, 512)])
+def test_paper_configs_carry_table_3(stage, lr, b2, eps, batch):
+  import dataclasses
+
+  from configs import paper
+  from unclip_jax.models import unet
+
+  c = paper.get_config(stage)
+  assert (c.optim.learning_rate, c.optim.b2, c.optim.eps, c.batch_size) == (lr, b2, eps, batch)
+  assert c.diffusion.schedule == ("linear" if stage == "sr2" else "cosine")
+  if stage != "prior":
+    model = {k: v for k, v in c.model.to_dict().items() if k != "extra_tokens"}
+    named = {"decoder": unet.paper_decoder, "sr1": unet.paper_sr_64_256, "sr2": unet.paper_sr_256_1024}[stage]()
+    derived = {f: getattr(named, f) for f in ("in_channels", "out_channels", "low_res_channels", "text_proj")}
+    assert dataclasses.replace(unet.UNetConfig.from_dict(model), **derived) == named
