@@ -5,11 +5,6 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Many tests compile the same tiny programs (a stage's step on Shapes, then on tfds data):
-# a per-run persistent compilation cache lets the repeats skip XLA.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), f"unclip_jax_test_cache_{os.getpid()}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402
 
@@ -26,3 +21,10 @@ def shapes_clip_dir(tmp_path_factory):
   stage = clip_stage.ClipStage(shapes.get_config("clip,tiny"), str(workdir))
   stage.export(stage.init_params(jax.random.key(0)), str(workdir / "export"))
   return str(workdir / "export")
+
+
+@pytest.fixture
+def fixed_unclip_noise(monkeypatch):
+  """UnCLIPScheduler.step takes its noise from a unclip_oracle.FixedNoise generator."""
+  import unclip_oracle
+  unclip_oracle.patch_noise(monkeypatch)

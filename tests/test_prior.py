@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import PriorTransformer, UnCLIPScheduler
+from diffusers import PriorTransformer
 
+from unclip_oracle import FixedNoise, float64_unclip_scheduler
 from unclip_jax import optim, training
 from unclip_jax.convert import common, diffusers_prior
 from unclip_jax.diffusion import schedules
@@ -115,40 +116,14 @@ def test_karlo_and_paper_configs_are_expressible():
   assert 1.1e9 < count(paper["params"]) < 1.3e9
 
 
-class _FixedNoise:
-  """Stands in for a torch generator: the scheduler's next randn draw is `noise`."""
-
-  def __init__(self, noise):
-    self.noise = noise
-
-
-@pytest.fixture
-def fixed_noise(monkeypatch):
-  import diffusers.schedulers.scheduling_unclip as unclip_module
-  original = unclip_module.randn_tensor
-
-  def randn_tensor(shape, generator=None, **kwargs):
-    if isinstance(generator, _FixedNoise):
-      return generator.noise.reshape(shape)
-    return original(shape, generator=generator, **kwargs)
-
-  monkeypatch.setattr(unclip_module, "randn_tensor", randn_tensor)
-
-
 def _float64_prior_scheduler(num_steps):
-  """Karlo's prior scheduler with its constants in float64 (diffusers' float32
-  scheduler rounds 1 - abar near t = 0 to ~1e-4; see tests/test_samplers.py)."""
-  ref = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0,
-                        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-  ref.betas = ref.betas.double()
-  ref.alphas = 1.0 - ref.betas
-  ref.alphas_cumprod = torch.cumprod(ref.alphas, dim=0)
-  ref.one = torch.tensor(1.0, dtype=torch.float64)
-  ref.set_timesteps(num_steps)
-  return ref
+  """Karlo's prior scheduler, in float64 (see tests/unclip_oracle.py)."""
+  return float64_unclip_scheduler(num_steps, variance_type="fixed_small_log", prediction_type="sample",
+                                  clip_sample_range=5.0, num_train_timesteps=1000,
+                                  beta_schedule="squaredcos_cap_v2")
 
 
-def test_guided_sampling_matches_unclip_pipeline_loop(reference, fixed_noise):
+def test_guided_sampling_matches_unclip_pipeline_loop(reference, fixed_unclip_noise):
   """UnCLIPPipeline's prior loop (batch [uncond, cond], guidance 4, 5 steps,
   post_process_latents) with the same initial and per-step noise."""
   num_steps, batch, scale = 5, 2, 4.0
@@ -171,7 +146,7 @@ def test_guided_sampling_matches_unclip_pipeline_loop(reference, fixed_noise):
     pred_uncond, pred_text = pred.double().chunk(2)
     pred = pred_uncond + scale * (pred_text - pred_uncond)
     prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
-    latents = scheduler.step(pred, timestep=t, sample=latents, generator=_FixedNoise(noises[i]),
+    latents = scheduler.step(pred, timestep=t, sample=latents, generator=FixedNoise(noises[i]),
                              prev_timestep=prev).prev_sample
   with torch.no_grad():
     expected = prior.post_process_latents(latents.float()).numpy()

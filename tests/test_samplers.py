@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import UnCLIPScheduler
 
 from gaussian_oracle import exact_model_fn
+from unclip_oracle import FixedNoise, float64_unclip_scheduler
 from unclip_jax.diffusion import samplers, schedules
 
 M = jnp.array([0.6, -0.5, 0.8])
@@ -121,23 +121,6 @@ def _jax_model(x, t):  # NHWC
   return jnp.tanh(0.7 * x + 0.3 * jnp.roll(x, 1, axis=-1) + t / 1000.0)
 
 
-def _float64_unclip_scheduler(num_steps, **config):
-  """diffusers' UnCLIPScheduler with its constants in float64.
-
-  In float32 its step loses precision where it forms 1 - abar near t = 0 and
-  1 - beta near t = T (errors up to 1e-3 at the first and last step). In
-  float64 it is an exact reference for the algorithm; ours derives those
-  constants in float64 and agrees with it to float32 precision.
-  """
-  ref = UnCLIPScheduler(**config)
-  ref.betas = ref.betas.double()
-  ref.alphas = 1.0 - ref.betas
-  ref.alphas_cumprod = torch.cumprod(ref.alphas, dim=0)
-  ref.one = torch.tensor(1.0, dtype=torch.float64)
-  ref.set_timesteps(num_steps)
-  return ref
-
-
 def _chain_like(ref, num_steps):
   return schedules.schedule_from_alphas_cumprod(ref.alphas_cumprod.numpy(),
                                                 schedules.respaced_timesteps(1000, num_steps), 1000)
@@ -148,9 +131,9 @@ def _chain_like(ref, num_steps):
     ("fixed_small_log", "epsilon", 1.0), # Karlo's upsamplers
     ("fixed_small_log", "sample", 5.0),  # Karlo's prior
 ])
-def test_step_matches_unclip_scheduler(variance_type, prediction_type, clip):
+def test_step_matches_unclip_scheduler(variance_type, prediction_type, clip, fixed_unclip_noise):
   num_steps, channels = 7, 3
-  ref = _float64_unclip_scheduler(num_steps, variance_type=variance_type, prediction_type=prediction_type,
+  ref = float64_unclip_scheduler(num_steps, variance_type=variance_type, prediction_type=prediction_type,
                                   clip_sample_range=clip)
   ours = _chain_like(ref, num_steps)
   out_channels = 2 * channels if variance_type == "learned_range" else channels
@@ -163,7 +146,7 @@ def test_step_matches_unclip_scheduler(variance_type, prediction_type, clip):
       out[:, channels:] = np.tanh(out[:, channels:])
     noise = rng.standard_normal((2, channels, 4, 4))
     expected = ref.step(torch.from_numpy(out).double(), t, torch.from_numpy(x).double(), prev_timestep=prev,
-                        generator=_FixedNoise(torch.from_numpy(noise))).prev_sample.numpy()
+                        generator=FixedNoise(torch.from_numpy(noise))).prev_sample.numpy()
     nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1), jnp.float32)
     got, _ = samplers.ddpm_step(
         ours, num_steps - 1 - k, nhwc(x), nhwc(out), nhwc(noise),
@@ -172,11 +155,11 @@ def test_step_matches_unclip_scheduler(variance_type, prediction_type, clip):
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=1e-5)
 
 
-def test_guided_respaced_chain_matches_diffusers_loop():
+def test_guided_respaced_chain_matches_diffusers_loop(fixed_unclip_noise):
   """A whole learned-range, guided, respaced chain against a Python loop over
   UnCLIPScheduler, with the same initial and per-step noise."""
   num_steps, batch, channels, scale = 9, 2, 3, 4.0
-  ref = _float64_unclip_scheduler(num_steps, variance_type="learned_range", prediction_type="epsilon")
+  ref = float64_unclip_scheduler(num_steps, variance_type="learned_range", prediction_type="epsilon")
   gen = torch.Generator().manual_seed(0)
   x_T = torch.randn((batch, channels, 4, 4), generator=gen, dtype=torch.float64)
   noises = torch.randn((num_steps, batch, channels, 4, 4), generator=gen, dtype=torch.float64)
@@ -193,7 +176,7 @@ def test_guided_respaced_chain_matches_diffusers_loop():
     guided = uncond_out[:, :channels] + scale * (cond_out[:, :channels] - uncond_out[:, :channels])
     out = torch.cat([guided, cond_out[:, channels:]], dim=1)
     prev = None if k + 1 == num_steps else ref.timesteps[k + 1].item()
-    noise_gen = _FixedNoise(noises[k])
+    noise_gen = FixedNoise(noises[k])
     x = ref.step(out, t, x, prev_timestep=prev, generator=noise_gen).prev_sample
 
   def jax_model(x, t, c):
@@ -208,26 +191,6 @@ def test_guided_respaced_chain_matches_diffusers_loop():
       model_fn, ours, jax.random.key(0), nhwc(x_T), sampler="ddpm", variance_type="learned_range",
       clip_range=1.0, step_noise=jnp.stack([nhwc(n) for n in noises])))()
   np.testing.assert_allclose(np.asarray(got), nhwc(x), rtol=0, atol=1e-5)
-
-
-class _FixedNoise:
-  """Stands in for a torch generator: the scheduler's next randn draw is `noise`."""
-
-  def __init__(self, noise):
-    self.noise = noise
-
-
-@pytest.fixture(autouse=True)
-def _patch_randn_tensor(monkeypatch):
-  import diffusers.schedulers.scheduling_unclip as unclip_module
-  original = unclip_module.randn_tensor
-
-  def randn_tensor(shape, generator=None, **kwargs):
-    if isinstance(generator, _FixedNoise):
-      return generator.noise.reshape(shape)
-    return original(shape, generator=generator, **kwargs)
-
-  monkeypatch.setattr(unclip_module, "randn_tensor", randn_tensor)
 
 
 def test_guidance_equals_separate_calls():
