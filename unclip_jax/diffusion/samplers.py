@@ -92,16 +92,19 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
   """Runs the reverse chain from x_T (or fresh noise of `shape`) to x_0.
 
   Per-step noise is drawn from fold_in(rng, step), so it does not depend on how
-  many steps ran before. `step_noise` [K, *x.shape] replaces it (k-th step
-  taken uses step_noise[k]), for exact comparison with other implementations.
+  many steps ran before. `rng` is one key for the batch, or one key per sample
+  ([B] keys): then every sample's noise depends on its own key alone, so a
+  sample is the same whatever batch (or device) it is drawn in. `step_noise`
+  [K, *x.shape] replaces the draws (k-th step taken uses step_noise[k]), for
+  exact comparison with other implementations.
   """
   if sampler not in ("ddpm", "ddim"):
     raise ValueError(f"Unknown sampler {sampler!r}; expected 'ddpm' or 'ddim'.")
-  init_rng, step_rng = jax.random.split(rng)
+  init_rng, step_rng = _split(rng)
   if x_T is None:
     if shape is None:
       raise ValueError("Pass x_T or shape.")
-    x_T = jax.random.normal(init_rng, shape, jnp.float32)
+    x_T = normal(init_rng, shape)
   num_steps = schedule.num_steps
   deterministic = sampler == "ddim" and isinstance(eta, (int, float)) and eta == 0
   kwargs = dict(prediction_type=prediction_type, variance_type=variance_type,
@@ -116,7 +119,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
     elif deterministic:
       noise = jnp.zeros((), x.dtype)  # no draw: random bits cost more than the step itself
     else:
-      noise = jax.random.normal(jax.random.fold_in(step_rng, k), x.shape, x.dtype)
+      noise = normal(_fold_in(step_rng, k), x.shape, x.dtype)
     if sampler == "ddpm":
       x, _ = ddpm_step(schedule, i, x, out, noise, **kwargs)
     else:
@@ -126,6 +129,30 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
 
   x, _ = jax.lax.scan(body, x_T, jnp.arange(num_steps))
   return x
+
+
+def _per_sample(rng) -> bool:
+  return jnp.ndim(rng) == 1  # an array of keys, one per sample
+
+
+def _split(rng):
+  if _per_sample(rng):
+    pair = jax.vmap(jax.random.split)(rng)  # [B, 2]
+    return pair[:, 0], pair[:, 1]
+  return tuple(jax.random.split(rng))
+
+
+def _fold_in(rng, data):
+  return jax.vmap(lambda r: jax.random.fold_in(r, data))(rng) if _per_sample(rng) else jax.random.fold_in(rng, data)
+
+
+def normal(rng, shape, dtype=jnp.float32):
+  """N(0, 1) of `shape`, from one key, or from one key per sample (rng [B], shape[0] == B)."""
+  if _per_sample(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f"{rng.shape[0]} per-sample keys for a batch of {shape[0]}.")
+    return jax.vmap(lambda r: jax.random.normal(r, shape[1:], dtype))(rng)
+  return jax.random.normal(rng, shape, dtype)
 
 
 def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: str = "eps",
