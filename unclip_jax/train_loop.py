@@ -181,12 +181,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
     writer.flush()
   if int(state.step) >= config.total_steps and jax.process_index() == 0:
     export_dir = config.get("export_dir") or os.path.join(workdir, "export")
-    if hasattr(stage, "export"):  # e.g. CLIP: a Hugging Face folder
-      stage.export(state.ema_params, export_dir)
-    else:
-      checkpoints.export_inference(export_dir, state.ema_params, stage.inference_config())
+    export(stage, state.ema_params, export_dir)
     logging.info("Exported EMA params for sampling to %s", export_dir)
   return state
+
+
+def export(stage: Stage, params, export_dir: str):
+  """What sample.py reads: the stage's own export (CLIP: a Hugging Face folder; the
+  prior: params and latent stats) or the params with the stage's inference config."""
+  if hasattr(stage, "export"):
+    stage.export(params, export_dir)
+  else:
+    checkpoints.export_inference(export_dir, params, stage.inference_config())
 
 
 def write_samples(stage: Stage, state: training.TrainState, workdir: str, writer, step: int):
