@@ -67,3 +67,42 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, stack_dir):
     pipeline.Pipeline.load(str(tmp_path))
   with pytest.raises(pipeline.CheckpointError, match="CLIP"):
     pipeline.Pipeline.load(stack_dir, clip_dir=str(tmp_path / "nothing"))
+
+
+def test_outputs_are_pngs_with_json_settings_and_a_grid(pipe, tmp_path):
+  import json
+
+  from PIL import Image
+
+  jobs = [("a red circle", 11), ("a red circle", 12), ("a blue square above a green circle", 13)]
+  images = pipe.text_to_image([p for p, _ in jobs], [s for _, s in jobs], FAST, up_to="decoder")
+  paths = pipeline.write_outputs(str(tmp_path), images, jobs, dict(pipeline.PRESETS["karlo"], **FAST),
+                                 {"preset": "karlo"})
+  assert len(paths) == 4 and "grid" in paths[-1]
+  for (prompt, seed), path, image in zip(jobs, paths, images):
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+    meta = json.load(open(path[:-4] + ".json"))
+    assert meta["prompt"] == prompt and meta["seed"] == seed and meta["options"]["decoder"]["num_steps"] == 3
+  assert np.asarray(Image.open(paths[-1])).shape == (2 * 18 + 2, 2 * 18 + 2, 3)  # 3 images in a 2x2 grid
+
+
+def test_sample_py_errors_are_one_line_with_nonzero_exit(tmp_path, stack_dir):
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(*args):
+    out = subprocess.run([sys.executable, "sample.py", *args], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return out.returncode, out.stderr.strip()
+
+  code, err = run("--prompt", "  ")
+  assert code != 0 and err.startswith("error: give a non-empty --prompt")
+  code, err = run("--prompt", "a red circle", "--checkpoint", str(tmp_path / "missing"))
+  assert code != 0 and "does not exist" in err and "Traceback" not in err
+  code, err = run("--prompt", "a red circle", "--checkpoint", str(tmp_path))
+  assert code != 0 and "no pipeline.json" in err and "Traceback" not in err
+  code, err = run("--prompt", "a red circle", "--mode", "dream")
+  assert code != 0 and "--mode" in err and "Traceback" not in err

@@ -222,3 +222,30 @@ class Pipeline:
       images = self._upsampler_fn(stage, options[stage])(
           self.params[stage], rng=self._shard(stage_keys(seeds, index)), low_res=images)
     return imaging.to_uint8(np.asarray(images)[:n])
+
+
+def _slug(text: str, limit: int = 40) -> str:
+  kept = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+  return "_".join(filter(None, kept.split("_")))[:limit] or "unconditional"
+
+
+def write_outputs(out_dir: str, images: np.ndarray, jobs: Sequence[tuple[str, int]], options: dict,
+                  settings: dict) -> list[str]:
+  """One PNG per image with a same-named JSON (prompt, seed, all settings), and one grid PNG.
+
+  Returns the written image paths, the grid last.
+  """
+  import time
+
+  os.makedirs(out_dir, exist_ok=True)
+  stage_options = {s: dataclasses.asdict(o) for s, o in options.items()}
+  paths = []
+  for image, (prompt, seed) in zip(images, jobs):
+    stem = os.path.join(out_dir, f"{_slug(prompt)}_seed{seed}")
+    imaging.save_png(image, stem + ".png")
+    with open(stem + ".json", "w") as f:
+      json.dump({"prompt": prompt, "seed": seed, "options": stage_options, **settings}, f, indent=2)
+    paths.append(stem + ".png")
+  grid_path = os.path.join(out_dir, f"grid_{time.strftime('%Y%m%d-%H%M%S')}_seed{jobs[0][1]}.png")
+  imaging.save_png(imaging.make_grid(images), grid_path)
+  return paths + [grid_path]
