@@ -6,12 +6,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import shapes
 from unclip_jax import checkpoints, parallel, train_loop, training
 from unclip_jax.data import shapes as shapes_data
+from unclip_jax.data import sources
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages import build
@@ -55,16 +57,6 @@ def test_clip_stage_learns_and_exports_a_loadable_clip(tmp_path):
   np.testing.assert_allclose(frozen.encode_text(captions).embedding, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_prior_trains_through_the_loop_on_shapes_and_exports(tmp_path, shapes_clip_dir):
-  config = shapes.get_config("prior,tiny")
-  config.clip_dir = shapes_clip_dir
-  stage, batches = build.build(config, str(tmp_path))
-  train_loop.train(config, str(tmp_path), stage, batches)
-  params, exported = checkpoints.load_inference(str(tmp_path / "export"))
-  assert exported["stage"] == "prior" and exported["model"]["clip_dim"] == 16
-  np.testing.assert_allclose(params["stats"]["clip_mean"], stage.stats["clip_mean"])
-
-
 def _one_step(stage, batch, mesh):
   tx = train_loop.make_optimizer(stage.config)[0]
   state, shardings = training.create_train_state(stage.init_params, tx, jax.random.key(0), mesh)
@@ -99,23 +91,6 @@ def test_train_py_reports_bad_config_clearly(tmp_path):
   assert out.returncode != 0 and "config.clip_dir" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("stage_name", ["decoder", "sr1", "sr2"])
-def test_image_stages_train_through_the_loop_with_sample_grids(stage_name, tmp_path, shapes_clip_dir):
-  config = shapes.get_config(f"{stage_name},tiny")
-  config.clip_dir = shapes_clip_dir
-  config.sample_every = 2
-  stage, batches = build.build(config, str(tmp_path))
-  train_loop.train(config, str(tmp_path), stage, batches)
-  grid = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "samples" / "step_00000002.png"))
-  size = config.get("decoder_resolution", config.resolution)
-  columns = stage.grid_columns
-  assert grid.shape[1] == columns * (size + 2) + 2  # whole [original, sample, ...] groups per row
-  params, exported = checkpoints.load_inference(str(tmp_path / "export"))
-  assert exported["stage"] == stage_name
-  assert unet_lib.UNetConfig.from_dict(exported["model"]) == stage.unet_config  # JSON round trip
-  assert jax.tree.structure(params) == jax.tree.structure(stage.init_params(jax.random.key(0)))
-
-
 def test_upsampler_conditioning_is_degraded_per_example_and_reproducible(tmp_path):
   config = shapes.get_config("sr2,tiny")
   stage, batches = build.build(config, str(tmp_path))
@@ -128,16 +103,41 @@ def test_upsampler_conditioning_is_degraded_per_example_and_reproducible(tmp_pat
 
 
 @pytest.mark.parametrize("stage_name", ["clip", "prior", "decoder", "sr1", "sr2"])
-def test_every_stage_trains_on_tfds_mock_data(stage_name, tmp_path, shapes_clip_dir):
+def test_every_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, shapes_clip_dir):
+  """Through the real loop: step 1 on the Shapes world, step 2 on tfds mock coco_captions
+  (one compile serves both); then the sample grid and the export."""
   import tensorflow_datasets as tfds
+  from PIL import Image
 
   config = shapes.get_config(f"{stage_name},tiny")
   config.clip_dir = shapes_clip_dir
-  config.total_steps = 1
-  config.data = {"kind": "tfds", "name": "coco_captions", "split": "train", "image_key": "image",
-                 "caption_key": "captions/text", "data_dir": None, "seed": 0}
-  with tfds.testing.mock_data(num_examples=16):
-    stage, batches = build.build(config, str(tmp_path))
-    state = train_loop.train(config, str(tmp_path), stage, batches)
-  assert int(state.step) == 1
-  assert os.path.isdir(tmp_path / "export")
+  config.sample_every = 2
+  tfds_data = ml_collections.ConfigDict(dict(kind="tfds", name="coco_captions", split="train", image_key="image",
+                                             caption_key="captions/text", data_dir=None, seed=0))
+  with tfds.testing.mock_data(num_examples=16):  # it mocks file access too: read the batch, then leave
+    tfds_batch = next(sources.make_batches(tfds_data, config.batch_size, config.resolution)(0, 0, 1))
+  stage, shapes_batches = build.build(config, str(tmp_path))
+  seen = []
+
+  def both(start, k, n):
+    for name, batch in (("shapes", next(shapes_batches(start, k, n))), ("tfds", tfds_batch)):
+      seen.append((name, batch["image"].shape))
+      yield batch
+
+  state = train_loop.train(config, str(tmp_path), stage, both)
+  assert int(state.step) == 2 and [name for name, _ in seen] == ["shapes", "tfds"]
+  assert seen[0][1] == seen[1][1] == (8, config.resolution, config.resolution, 3)
+  if stage_name == "clip":
+    assert clip_lib.load_clip(str(tmp_path / "export")).embed_dim == config.model.embed_dim
+    return
+  params, exported = checkpoints.load_inference(str(tmp_path / "export"))
+  assert exported["stage"] == stage_name
+  if stage_name == "prior":
+    assert exported["model"]["clip_dim"] == 16
+    np.testing.assert_allclose(params["stats"]["clip_mean"], stage.stats["clip_mean"])
+    return
+  assert unet_lib.UNetConfig.from_dict(exported["model"]) == stage.unet_config  # JSON round trip
+  assert jax.tree.structure(params) == jax.tree.structure(stage.init_params(jax.random.key(0)))
+  grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))
+  size = config.get("decoder_resolution", config.resolution)
+  assert grid.shape[1] == stage.grid_columns * (size + 2) + 2  # whole [original, sample, ...] groups per row
