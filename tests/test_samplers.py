@@ -246,3 +246,8 @@ def test_per_sample_keys_make_samples_independent_of_the_batch():
   assert float(jnp.abs(batch[0] - batch[1]).max()) > 1e-3
   with pytest.raises(ValueError, match="3 per-sample keys for a batch of 4"):
     samplers.normal(keys[:3], (4, 3))
+  # Legacy raw keys: one PRNGKey is one key for the batch, a stack of them one per sample.
+  raw = jax.random.PRNGKey(3)
+  assert samplers.normal(raw, (4, 3)).shape == (4, 3)
+  raw_keys = jnp.stack([jax.random.PRNGKey(s) for s in range(4)])
+  np.testing.assert_array_equal(samplers.normal(raw_keys, (4, 3))[2], jax.random.normal(raw_keys[2], (3,)))

@@ -132,7 +132,10 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
 
 
 def _per_sample(rng) -> bool:
-  return jnp.ndim(rng) == 1  # an array of keys, one per sample
+  """An array of keys, one per sample: typed keys [B], or raw uint32 key data [B, 2]."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.ndim == 1
+  return rng.ndim == 2
 
 
 def _split(rng):
