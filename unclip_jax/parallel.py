@@ -123,11 +123,3 @@ def shard_map_over_batch(fn, mesh: Mesh, rules=DEFAULT_RULES, out_specs=None):
   """
   spec = batch_sharding(mesh, rules).spec
   return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec if out_specs is None else out_specs)
-
-
-def with_sharding(x, sharding):
-  return jax.lax.with_sharding_constraint(x, sharding)
-
-
-def zeros_like_sharded(shapes, shardings):
-  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings)()

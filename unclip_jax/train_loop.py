@@ -116,6 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
   tx, lr = make_optimizer(config)
   rng = jax.random.key(config.seed)
   state, shardings = training.create_train_state(stage.init_params, tx, rng, mesh, rules)
+  logging.info("Mesh %s; parameter shardings:\n%s", dict(mesh.shape), parallel.describe(state.params, shardings.params))
   ckpt = checkpoints.Checkpointer(workdir, save_every=config.checkpoint_every,
                                   keep=config.get("keep_checkpoints", 3))
   position = 0
