@@ -11,8 +11,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
@@ -62,7 +60,7 @@ def main():
   args = parser.parse_args()
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), torch threads: {torch.get_num_threads()}")
   print(f"DDIM, {args.steps} steps, images {args.size}x{args.size}x3, trivial model\n")
-  header = f"| batch | ours steps/s | diffusers steps/s | speed-up | ours compile s |"
+  header = "| batch | ours steps/s | diffusers steps/s | speed-up | ours compile s |"
   print(header)
   print("|" + "---|" * 5)
   for batch in (int(b) for b in args.batch.split(",")):

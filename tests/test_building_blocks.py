@@ -1,9 +1,7 @@
 """Shared pieces: timestep embedding, the tensor reader's errors, AdamW and EMA."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding

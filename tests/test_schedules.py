@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from diffusers import DDPMScheduler, UnCLIPScheduler
 
 from unclip_jax.diffusion import schedules

@@ -2,7 +2,6 @@
 the EMA of parameters that sampling uses."""
 
 import jax
-import jax.numpy as jnp
 import optax
 
 # unCLIP paper, Table 3. Weight decay is given for the priors only.
