@@ -14,6 +14,8 @@ import ml_collections
 
 from configs import common
 
+BATCH_SIZE = {"clip": 128, "prior": 128, "decoder": 64, "sr1": 64, "sr2": 64}
+TOTAL_STEPS = {"clip": 1500, "prior": 2000, "decoder": 3000, "sr1": 1500, "sr2": 1500}
 VOCABULARY = ("a red green blue yellow purple circle square triangle left right of above below").split()
 
 
@@ -45,10 +47,10 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.resolution = 32 if tiny else 64
     c.decoder_resolution = 16
     c.model = ml_collections.ConfigDict(dict(
-        block_channels=[32, 32] if tiny else [64, 128, 128], layers_per_block=1 if tiny else 2,
+        block_channels=[32, 32] if tiny else [48, 96, 96], layers_per_block=1,
         attention_levels=[False, True] if tiny else [False, True, True], mid_attention=True,
-        head_dim=16 if tiny else 32, context_dim=32 if tiny else 128, norm_groups=8 if tiny else 32,
-        dropout=0.0 if tiny else 0.1, extra_tokens=4))
+        head_dim=16 if tiny else 32, context_dim=32 if tiny else 96, norm_groups=8 if tiny else 16,
+        dropout=0.0, extra_tokens=4))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000,
                                                  variance_type="learned_range"))
     c.p_drop_image, c.p_drop_text = 0.1, 0.5
@@ -70,8 +72,10 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   else:
     raise ValueError(f"Unknown stage {stage!r} for configs/shapes.py.")
-  c.batch_size = 8 if tiny else 128
-  c.total_steps = 2 if tiny else 4000
+  # Steps sized so that the five stages train in about 1.5 h on a 2-core CPU (docs/training.md).
+  c.batch_size = 8 if tiny else BATCH_SIZE[stage]
+  c.total_steps = 2 if tiny else TOTAL_STEPS[stage]
+  c.ema_decay = 0.999  # these runs are a few thousand steps; the paper's 0.9999 would barely move
   c.log_every = 1 if tiny else 50
   c.checkpoint_every = 2 if tiny else 500
   return c
