@@ -1,6 +1,8 @@
 """The Shapes-world unCLIP stack: every stage small enough to train on a CPU.
 
-Train the stages in order (each reads the CLIP the first one exports):
+One command trains every stage in order and assembles assets/shapes_demo:
+  scripts/train_shapes_demo.sh
+which runs, stage by stage (each reads the CLIP the first one exports):
   python train.py --config configs/shapes.py:clip    --workdir runs/shapes/clip
   python train.py --config configs/shapes.py:prior   --workdir runs/shapes/prior
   python train.py --config configs/shapes.py:decoder --workdir runs/shapes/decoder
@@ -16,6 +18,13 @@ from configs import common
 
 BATCH_SIZE = {"clip": 128, "prior": 128, "decoder": 64, "sr1": 64, "sr2": 64}
 TOTAL_STEPS = {"clip": 1500, "prior": 2000, "decoder": 3000, "sr1": 1500, "sr2": 1500}
+# The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
+SAMPLING_OPTIONS = {
+    "prior": dict(num_steps=25, sampler="ddpm", guidance_scale=2.0, clip_range=5.0),
+    "decoder": dict(num_steps=25, sampler="ddpm", guidance_scale=3.0),
+    "sr1": dict(num_steps=10, sampler="ddim"),
+    "sr2": dict(num_steps=10, sampler="ddim"),
+}
 VOCABULARY = ("a red green blue yellow purple circle square triangle left right of above below").split()
 
 

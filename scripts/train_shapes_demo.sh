@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Trains the whole Shapes-world unCLIP stack in order (CLIP first: the other
+# stages read its export) and assembles the inference checkpoint sample.py uses.
+#
+#   scripts/train_shapes_demo.sh                      # ~1.5 h on a 2-core CPU
+#   scripts/train_shapes_demo.sh tiny /tmp/runs /tmp/demo   # two steps per stage (a smoke test)
+#
+# Arguments: [full|tiny] [RUNS_DIR=runs/shapes] [CHECKPOINT=assets/shapes_demo].
+# An interrupted run resumes: each stage continues from its last checkpoint,
+# and a finished stage only re-exports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size="${1:-full}"
+runs="${2:-runs/shapes}"
+out="${3:-assets/shapes_demo}"
+suffix=""
+[[ "$size" == "tiny" ]] && suffix=",tiny"
+for stage in clip prior decoder sr1 sr2; do
+  python train.py --config "configs/shapes.py:${stage}${suffix}" --workdir "$runs/$stage" \
+    --config.clip_dir="$runs/clip/export"
+done
+python - "$runs" "$out" <<'PY'
+import sys
+from configs import shapes
+from unclip_jax import pipeline
+runs, out = sys.argv[1:]
+print(pipeline.assemble(out, options=shapes.SAMPLING_OPTIONS,
+                        **{s: f"{runs}/{s}/export" for s in ("clip", "prior", "decoder", "sr1", "sr2")}))
+PY
