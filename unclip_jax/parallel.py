@@ -8,7 +8,7 @@ over ("data", "fsdp"). A dimension that its mesh axes do not divide stays
 replicated rather than failing, so one rule set serves every model size.
 """
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -99,6 +99,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_size_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   axes = _mesh_axes_for("batch", rules)
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def host_batch_positions(start: int, batch_size: int, shard_index: int = 0,
+                         shard_count: int = 1) -> Iterator[np.ndarray]:
+  """Global example positions of this host's share of each global batch, from `start` on.
+
+  Host k of n takes positions k, k + n, ...: the same examples train whatever
+  the host count, so a stream resumed on another topology continues exactly.
+  """
+  if batch_size % shard_count:
+    raise ValueError(f"batch_size {batch_size} must divide among {shard_count} hosts.")
+  position = start
+  while True:
+    yield np.arange(position, position + batch_size)[shard_index::shard_count]
+    position += batch_size
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules=DEFAULT_RULES):

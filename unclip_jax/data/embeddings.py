@@ -76,14 +76,12 @@ class EmbeddingStore:
   def batches(self, start: int, batch_size: int, *, seed: int = 0, shard_index: int = 0,
               shard_count: int = 1) -> Iterator[dict]:
     """This host's share of each global batch, in epoch-shuffled order from position `start`."""
+    from unclip_jax import parallel
     from unclip_jax.data.sources import shuffled_index
 
-    position = start
-    while True:
-      positions = np.arange(position, position + batch_size)[shard_index::shard_count]
+    for positions in parallel.host_batch_positions(start, batch_size, shard_index, shard_count):
       items = [shuffled_index(int(p), len(self), seed) for p in positions]
       yield dict(self.get(items), index=positions, corrupt=0)
-      position += batch_size
 
 
 def main(argv):

@@ -124,12 +124,8 @@ def batches(seed: int, resolution: int, batch_size: int, *, start: int = 0, shar
   `start` counts global scenes already consumed (the resume position), so the
   stream continues exactly where it stopped whatever the batch size.
   """
-  if batch_size % shard_count:
-    raise ValueError(f"batch_size {batch_size} must divide among {shard_count} shards.")
-  per_shard = batch_size // shard_count
-  position = start
-  while True:
-    indices = np.arange(position, position + batch_size)[shard_index::shard_count][:per_shard]
+  from unclip_jax import parallel
+
+  for indices in parallel.host_batch_positions(start, batch_size, shard_index, shard_count):
     images, captions = generate(seed, indices, resolution)
     yield {"image": images, "caption": captions, "index": indices}
-    position += batch_size

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from unclip_jax import parallel
 from unclip_jax.data import images as images_lib
 from unclip_jax.data import shapes
 
@@ -46,11 +47,7 @@ class RandomAccessSource:
 
   def batches(self, start: int, batch_size: int, resolution: int, *, seed: int = 0, shard_index: int = 0,
               shard_count: int = 1) -> Iterator[dict]:
-    if batch_size % shard_count:
-      raise ValueError(f"batch_size {batch_size} must divide among {shard_count} hosts.")
-    position = start
-    while True:
-      indices = np.arange(position, position + batch_size)[shard_index::shard_count]
+    for indices in parallel.host_batch_positions(start, batch_size, shard_index, shard_count):
       pixels, captions, bad = [], [], []
       for i in indices:
         load, caption = self.items[self.example_order(int(i), seed)]
@@ -62,11 +59,10 @@ class RandomAccessSource:
         captions.append(caption)
       good = [j for j in range(len(pixels)) if pixels[j] is not None]
       if not good:
-        raise ValueError(f"Every image of a batch from {self.name} at position {position} failed to decode.")
+        raise ValueError(f"Every image of a batch from {self.name} at position {indices[0]} failed to decode.")
       for n, j in enumerate(bad):  # stand-ins keep the batch shape and the stream position
         pixels[j], captions[j] = pixels[good[n % len(good)]], captions[good[n % len(good)]]
       yield {"image": np.stack(pixels), "caption": captions, "index": indices, "corrupt": len(bad)}
-      position += batch_size
 
 
 def _read_file(path):
