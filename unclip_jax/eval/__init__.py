@@ -1,0 +1,1 @@
+"""Evaluation: pixel analysis of Shapes-world images, CLIP R-precision, Frechet distance."""
