@@ -49,7 +49,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Image i is drawn with seed + i.")
 _NUM_DISTRACTORS = flags.DEFINE_integer("num_distractors", 20, "Other captions per image for R-precision.")
 _PRESET = flags.DEFINE_enum("preset", None, ["karlo", "paper"], "Sampling preset (default: the checkpoint's "
                             "recommended options).")
-_UP_TO = flags.DEFINE_enum("up_to", None, ["prior", "decoder", "sr1", "sr2"], "Stop after this stage.")
+_UP_TO = flags.DEFINE_enum("up_to", None, ["decoder", "sr1", "sr2"], "Stop after this stage (e.g. decoder).")
 _CANDIDATES = flags.DEFINE_integer("prior_candidates", 2, "Prior draws per image; the best by z_t . z_i is kept.")
 _OUT = flags.DEFINE_string("out", None, "Write a grid PNG of the first --grid_size generated images here (and "
                            "their captions to the same path with .txt).")
