@@ -100,11 +100,11 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
   """
   if sampler not in ("ddpm", "ddim"):
     raise ValueError(f"Unknown sampler {sampler!r}; expected 'ddpm' or 'ddim'.")
-  init_rng, step_rng = _split(rng)
+  _, step_rng = _split(rng)
   if x_T is None:
     if shape is None:
       raise ValueError("Pass x_T or shape.")
-    x_T = normal(init_rng, shape)
+    x_T = initial_noise(rng, shape)
   num_steps = schedule.num_steps
   deterministic = sampler == "ddim" and isinstance(eta, (int, float)) and eta == 0
   kwargs = dict(prediction_type=prediction_type, variance_type=variance_type,
@@ -129,6 +129,11 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
 
   x, _ = jax.lax.scan(body, x_T, jnp.arange(num_steps))
   return x
+
+
+def initial_noise(rng, shape, dtype=jnp.float32):
+  """The x_T that `sample` draws from `rng` when it is given no x_T."""
+  return normal(_split(rng)[0], shape, dtype)
 
 
 def _per_sample(rng) -> bool:
@@ -159,7 +164,8 @@ def normal(rng, shape, dtype=jnp.float32):
 
 
 def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: str = "eps",
-                variance_type: str = "fixed_small", fixed_point_iters: int = 0,
+                variance_type: str = "fixed_small", clip_range: Optional[float] = None,
+                dynamic_threshold: Optional[float] = None, fixed_point_iters: int = 0,
                 progress_desc: Optional[str] = None):
   """Deterministic DDIM encoding x_0 -> x_T (the state at the chain's last step).
 
@@ -169,10 +175,18 @@ def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: s
   x_k itself, as the decoder will read it, so decode(invert(x)) converges to x.
   The equation is iterated in the form that contracts: through the predicted
   noise where the signal dominates (abar > 1/2) and through the predicted x_0
-  where the noise does, since each prediction barely moves with x there.
+  where the noise does, since each prediction barely moves with x there. Where
+  an iteration does not contract (a model that is no denoiser), the iterate
+  that came closest (smallest |DDIM(x_k) - x_{k-1}| per sample) is kept, so the
+  iterations never leave a step worse than the first, plain estimate.
+
+  clip_range / dynamic_threshold: the x_0 clamp of the DDIM decode to be
+  retraced (pass the decode's own; the fixed point then solves the clamped
+  step exactly, as the eps and x_0 forms are both exact given the prediction).
   """
   num_steps = schedule.num_steps
-  kwargs = dict(prediction_type=prediction_type, variance_type=variance_type)
+  kwargs = dict(prediction_type=prediction_type, variance_type=variance_type, clip_range=clip_range,
+                dynamic_threshold=dynamic_threshold)
 
   def step(x_prev, k):
     t = jnp.broadcast_to(schedule.timesteps[k], (x_prev.shape[0],))
@@ -190,12 +204,30 @@ def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: s
       ratio = jnp.sqrt((1.0 - abar) / jnp.maximum(1.0 - abar_prev, 1e-20))
       return ratio * (x_prev - jnp.sqrt(abar_prev) * x0_pred) + jnp.sqrt(abar) * x0_pred
 
-    def refine(_, x):
+    def residual(x0_pred, eps):  # per sample: how far DDIM(x) lands from x_prev
+      miss = jnp.sqrt(abar_prev) * x0_pred + jnp.sqrt(1.0 - abar_prev) * eps - x_prev
+      return jnp.sqrt(jnp.sum(jnp.square(miss).reshape(miss.shape[0], -1), axis=1))
+
+    def keep(mask, new, old):
+      return jnp.where(mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    def refine(_, carry):
+      x, best_x, best_r, _ = carry
       x0_pred, eps = predict(x)
-      return jnp.where(abar > 0.5, solve_through_eps(eps), solve_through_x0(x0_pred))
+      r = residual(x0_pred, eps)
+      better = r <= best_r  # False for NaN
+      best_x, best_r = keep(better, x, best_x), jnp.where(better, r, best_r)
+      return jnp.where(abar > 0.5, solve_through_eps(eps), solve_through_x0(x0_pred)), best_x, best_r, r
 
     x_next = solve_through_eps(predict(x_prev)[1])
-    x_next = jax.lax.fori_loop(0, fixed_point_iters, refine, x_next)
+    if fixed_point_iters:
+      # Safeguard for models on which the iteration does not contract (an untrained
+      # network is no denoiser): keep the iterate with the smallest residual, or the
+      # last update when the last iterate it came from was that best one.
+      inf = jnp.full((x_prev.shape[0],), jnp.inf, x_prev.dtype)
+      x_last, best_x, best_r, last_r = jax.lax.fori_loop(0, fixed_point_iters, refine,
+                                                         (x_next, x_next, inf, inf))
+      x_next = keep(last_r <= best_r, x_last, best_x)
     progress.report_step(k, num_steps, progress_desc)
     return x_next, None
 

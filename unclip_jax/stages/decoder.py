@@ -85,13 +85,12 @@ def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedul
   return loss_fn(params, cfg, schedule, batch, k_loss)
 
 
-def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, cond: dict, uncond: dict, *,
-           guidance_scale=8.0, size: int = 64, sampler: str = "ddpm", **sampler_kwargs):
-  """64 px images [B, size, size, 3] guided by z_i and the caption (Karlo: 25 steps, scale 8;
-  guidance_scale may be [B], one per sample).
+def guided_model_fn(params, cfg: unet_lib.UNetConfig, cond: dict, uncond: dict, guidance_scale):
+  """The classifier-free guided decoder as a model function (x, t) -> output.
 
   cond: image_embed [B, D], text_embed [B, D], text_tokens [B, L, W], text_mask [B, L].
   uncond: the empty prompt's text fields, unbatched; its z_i is the learned null.
+  guidance_scale: a scalar or [B], one per sample.
   """
   b = cond["image_embed"].shape[0]
   model = unet_lib.UNet(cfg)
@@ -104,11 +103,40 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, cond: dict
     return model.apply({"params": params}, x, t, image_embed=c["image_embed"], text_embed=c["text_embed"],
                        text_tokens=c["text_tokens"], text_mask=c["text_mask"], drop_image=c["drop_image"])
 
-  guided = samplers.classifier_free_guidance(model_fn, cond, uncond_b, guidance_scale,
-                                             guided_channels=cfg.in_channels)
-  x = samplers.sample(guided, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
-                      prediction_type="eps", variance_type=variance_type(cfg), **sampler_kwargs)
+  return samplers.classifier_free_guidance(model_fn, cond, uncond_b, guidance_scale, guided_channels=cfg.in_channels)
+
+
+def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, cond: dict, uncond: dict, *,
+           guidance_scale=8.0, size: int = 64, sampler: str = "ddpm", x_T=None, **sampler_kwargs):
+  """64 px images [B, size, size, 3] guided by z_i and the caption (Karlo: 25 steps, scale 8;
+  guidance_scale may be [B], one per sample).
+
+  cond, uncond: as for guided_model_fn. x_T [B, size, size, 3]: the starting
+  noise (default: drawn from rng, as samplers.initial_noise(rng, shape) does).
+  """
+  b = cond["image_embed"].shape[0]
+  guided = guided_model_fn(params, cfg, cond, uncond, guidance_scale)
+  shape = (b, size, size, cfg.in_channels)
+  if x_T is not None and tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T must be [B, size, size, C] = {shape}, got {tuple(x_T.shape)}.")
+  x = samplers.sample(guided, schedule, rng, x_T, shape=shape, sampler=sampler, prediction_type="eps",
+                      variance_type=variance_type(cfg), **sampler_kwargs)
   return jnp.clip(x, -1.0, 1.0)
+
+
+def invert(params, cfg: unet_lib.UNetConfig, schedule: Schedule, images, cond: dict, uncond: dict, *,
+           guidance_scale=8.0, clip_range=1.0, dynamic_threshold=None, fixed_point_iters: int = 0,
+           progress_desc=None):
+  """DDIM inversion of images [B, H, W, 3] in [-1, 1] to the x_T from which a
+  deterministic DDIM `sample` (same schedule, cond, guidance and clamp)
+  decodes them again: the chain is inverted through the same guided model
+  function the decode uses. See samplers.ddim_invert for fixed_point_iters.
+  """
+  guided = guided_model_fn(params, cfg, cond, uncond, guidance_scale)
+  return samplers.ddim_invert(guided, schedule, jnp.asarray(images, jnp.float32), prediction_type="eps",
+                              variance_type=variance_type(cfg), clip_range=clip_range,
+                              dynamic_threshold=dynamic_threshold, fixed_point_iters=fixed_point_iters,
+                              progress_desc=progress_desc)
 
 
 class DecoderStage:
