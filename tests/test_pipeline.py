@@ -266,3 +266,49 @@ def test_sample_py_errors_are_one_line_with_nonzero_exit(tmp_path, stack_dir):
   assert code != 0 and "no pipeline.json" in err and "Traceback" not in err
   code, err = run("--prompt", "a red circle", "--mode", "dream")
   assert code != 0 and "--mode" in err and "Traceback" not in err
+  # The applications' inputs are checked before anything is loaded.
+  code, err = run("--mode", "variations")
+  assert code != 0 and err == "error: --mode=variations needs --image."
+  not_an_image = tmp_path / "x.png"
+  not_an_image.write_text("hello")
+  code, err = run("--mode", "variations", "--image", str(not_an_image))
+  assert code != 0 and err.startswith("error: --image: cannot read") and str(not_an_image) in err
+  assert len(err.splitlines()) == 1
+  code, err = run("--mode", "textdiff", "--image", str(not_an_image), "--prompt", "a red circle")
+  assert code != 0 and err == "error: --mode=textdiff needs --prompt2."
+
+
+def test_sample_py_interpolate_writes_frames_with_json(pipe, tmp_path, monkeypatch):
+  """sample.py in-process, with the test stack as the loaded checkpoint (its compiled functions reused)."""
+  import json
+
+  from absl import flags
+  from PIL import Image
+
+  import sample
+
+  for name, image in (("a", IMAGE_A), ("b", IMAGE_B)):
+    imaging.save_png(image, str(tmp_path / f"{name}.png"))
+  monkeypatch.setattr(pipeline.Pipeline, "load", lambda *args, **kwargs: pipe)
+  out = tmp_path / "out"
+  flags.FLAGS(["sample.py", "--mode", "interpolate", "--image", str(tmp_path / "a.png"), "--image2",
+               str(tmp_path / "b.png"), "--num_frames", "3", "--seed", "5", "--checkpoint", str(tmp_path),
+               "--decoder_steps", "3", "--decoder_guidance", "3", "--up_to", "decoder", "--out", str(out),
+               "--compilation_cache", ""])
+  try:
+    sample.main(["sample.py"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  frames = sorted(out.glob("interpolate_a_b_seed5_frame*.png"))
+  assert [p.name[-11:] for p in frames] == ["frame00.png", "frame01.png", "frame02.png"]
+  expected = pipe.interpolate(IMAGE_A, IMAGE_B, 3, seed=5, options=FAST, up_to="decoder")
+  for k, path in enumerate(frames):
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), expected[k])
+    meta = json.load(open(path.with_suffix(".json")))
+    assert meta["mode"] == "interpolate" and meta["frame"] == k and meta["theta"] == [0.0, 0.5, 1.0][k]
+    assert meta["seed"] == 5 and meta["prompt"] == "" and meta["image2"] == str(tmp_path / "b.png")
+    assert meta["preset"] == "checkpoint" and "prior" not in meta["options"]
+    assert meta["options"]["decoder"] == {"num_steps": 3, "sampler": "ddim", "eta": 0.0, "guidance_scale": 3.0,
+                                          "clip_range": 1.0, "dynamic_threshold": None}
+  grid, = out.glob("grid_*.png")
+  assert np.asarray(Image.open(grid)).shape == (16 + 4, 3 * 18 + 2, 3)  # one row of frames
