@@ -161,7 +161,9 @@ class Pipeline:
     self.mesh = mesh
     self.progress = progress
     # The checkpoint's recommended settings over Karlo's (text_to_image etc. use them when options is None).
-    self.default_options = dict(PRESETS["karlo"], **(default_options or {}))
+    self.default_options = dict(PRESETS["karlo"])
+    self.default_options.update({stage: stage_options(stage, fields)
+                                 for stage, fields in (default_options or {}).items()})
     prior_cfg = stage_configs["prior"]
     self.prior_model = prior_lib.DiffusionPrior(prior_lib.PriorConfig(**prior_cfg["model"]))
     self.decoder_cfg = unet_lib.UNetConfig.from_dict(stage_configs["decoder"]["model"])
@@ -190,7 +192,7 @@ class Pipeline:
       raise CheckpointError(f"{layout_file} names no {missing} folder.")
     try:
       default_options = {stage: stage_options(stage, fields) for stage, fields in layout.get("options", {}).items()}
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, AttributeError) as e:
       raise CheckpointError(f"{layout_file}: bad \"options\": {e}") from e
     clip_path = clip_dir or os.path.join(path, layout.get("clip", "clip"))
     try:
