@@ -164,8 +164,9 @@ class Pipeline:
     self.default_options = dict(PRESETS["karlo"])
     self.default_options.update({stage: stage_options(stage, fields)
                                  for stage, fields in (default_options or {}).items()})
-    prior_cfg = stage_configs["prior"]
-    self.prior_model = prior_lib.DiffusionPrior(prior_lib.PriorConfig(**prior_cfg["model"]))
+    # No prior: a checkpoint for the image applications alone (e.g. Karlo's image-variations).
+    self.prior_model = (prior_lib.DiffusionPrior(prior_lib.PriorConfig(**stage_configs["prior"]["model"]))
+                        if "prior" in stage_configs else None)
     self.decoder_cfg = unet_lib.UNetConfig.from_dict(stage_configs["decoder"]["model"])
     self.sr_cfgs = {s: unet_lib.UNetConfig.from_dict(stage_configs[s]["model"]) for s in ("sr1", "sr2")
                     if s in stage_configs}
@@ -187,7 +188,7 @@ class Pipeline:
                             f"{{\"clip\": ..., \"prior\": ..., \"decoder\": ..., \"sr1\": ...}} naming stage folders).")
     with open(layout_file) as f:
       layout = json.load(f)
-    missing = [k for k in ("prior", "decoder") if k not in layout]
+    missing = [k for k in ("decoder",) if k not in layout]
     if missing:
       raise CheckpointError(f"{layout_file} names no {missing} folder.")
     try:
@@ -203,7 +204,7 @@ class Pipeline:
     for stage in STAGES:
       if stage in layout:
         params[stage], configs[stage] = _read_stage(os.path.join(path, layout[stage]), stage)
-    if configs["prior"]["model"]["clip_dim"] != clip.embed_dim:
+    if "prior" in configs and configs["prior"]["model"]["clip_dim"] != clip.embed_dim:
       raise CheckpointError(f"The prior expects CLIP embeddings of width {configs['prior']['model']['clip_dim']}, "
                             f"the CLIP at {clip_path!r} makes {clip.embed_dim}.")
     return cls(clip, params, configs, mesh=mesh, progress=progress, default_options=default_options)
@@ -312,6 +313,9 @@ class Pipeline:
     """
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds.")
+    if self.prior_model is None:
+      raise CheckpointError("This checkpoint has no prior: it makes images from images (variations, "
+                            "interpolate, textdiff), not from text.")
     options = self.options_for("text", options)
     n = len(prompts)
     total = self._padded(n)
@@ -360,8 +364,11 @@ class Pipeline:
     for index, stage in enumerate(("sr1", "sr2"), start=2):
       if up_to in STAGES[:index] or stage not in self.params:
         break
+      params, extra = self.params[stage], {}
+      if self.configs[stage].get("params_last"):  # Karlo: super_res_last runs the chain's final step
+        params, extra = params["first"], {"params_last": params["last"]}
       images = self._upsampler_fn(stage, options[stage])(
-          self.params[stage], rng=self._shard(stage_keys(seeds, index)), low_res=images)
+          params, rng=self._shard(stage_keys(seeds, index)), low_res=images, **extra)
     return images
 
   def initial_noise(self, seeds: Sequence[int]) -> np.ndarray:

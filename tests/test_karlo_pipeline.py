@@ -1,0 +1,181 @@
+"""End to end against diffusers: a tiny random UnCLIPPipeline with Karlo's
+component types, saved as safetensors, converted by `python -m unclip_jax.convert`'s
+code path, then both pipelines run with the same initial and per-step noise,
+steps and guidance; final images agree to 1e-3 (float32)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from unclip_oracle import FixedNoise  # noqa: E402
+from unclip_jax import pipeline  # noqa: E402
+from unclip_jax.convert.__main__ import main as convert_main  # noqa: E402
+from unclip_jax.convert.common import ConversionError  # noqa: E402
+from unclip_jax.convert import diffusers_pipeline  # noqa: E402
+from unclip_jax.diffusion import samplers  # noqa: E402
+from unclip_jax.pipeline import StageOptions  # noqa: E402
+
+WIDTH = 32  # CLIP hidden = projection = the prior's and text projection's embedding width
+WORDS = ["a", "red", "circle", "blue", "square", "above"]
+PROMPTS = ["a red circle above a blue square", "a blue circle"]
+SEEDS = [3, 4]
+STEPS = {"prior": 3, "decoder": 3, "sr1": 3}
+GUIDANCE = {"prior": 4.0, "decoder": 8.0}
+
+
+def _randomize(module, seed, scale=0.1):
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(scale * torch.randn(p.shape, generator=gen))
+  return module.eval()
+
+
+def _components(tmp):
+  from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+  from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+  from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+  from unclip_jax.stages import clip as clip_stage
+
+  tokenizer = clip_stage.write_word_tokenizer(WORDS, os.path.join(tmp, "tok"))
+  torch.manual_seed(0)
+  text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, projection_dim=WIDTH,
+                               intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  text_encoder = CLIPTextModelWithProjection(text_config).eval()
+  prior = PriorTransformer(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=WIDTH,
+                           num_embeddings=77, additional_embeddings=4)
+  with torch.no_grad():  # zero-initialised embeddings and stats get signal too
+    prior.positional_embedding.normal_(0, 0.3)
+    prior.prd_embedding.normal_(0, 0.3)
+    prior.clip_mean.normal_(0, 0.5)
+    prior.clip_std.uniform_(0.5, 1.5)
+  decoder = UNet2DConditionModel(
+      sample_size=16, in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+      up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+      mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=24, attention_head_dim=16,
+      class_embed_type="identity", resnet_time_scale_shift="scale_shift", norm_num_groups=8)
+  text_proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=WIDTH, time_embed_dim=128,
+                                  cross_attention_dim=24)
+
+  def sr(seed):
+    torch.manual_seed(seed)
+    return _randomize(UNet2DModel(
+        sample_size=32, in_channels=6, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D",) * 2, up_block_types=("ResnetUpsampleBlock2D",) * 2,
+        add_attention=False, norm_num_groups=8), seed)
+
+  return dict(
+      text_encoder=_randomize(text_encoder, 1, 0.02), tokenizer=tokenizer, prior=_randomize(prior, 2, 0.02),
+      decoder=_randomize(decoder, 3), text_proj=_randomize(text_proj, 4), super_res_first=sr(5),
+      super_res_last=sr(6),
+      prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                      clip_sample_range=5.0),
+      decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+      super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+
+
+@pytest.fixture(scope="module")
+def karlo(tmp_path_factory):
+  from diffusers import UnCLIPPipeline
+
+  tmp = str(tmp_path_factory.mktemp("karlo"))
+  pipe = UnCLIPPipeline(**_components(tmp))
+  src, dst = os.path.join(tmp, "diffusers"), os.path.join(tmp, "converted")
+  pipe.save_pretrained(src, safe_serialization=True)
+  assert convert_main(["--from", "diffusers", "--src", src, "--dst", dst]) == 0
+  return dict(torch=pipe, src=src, dst=dst, ours=pipeline.Pipeline.load(dst))
+
+
+def _our_noise(seeds, stage_index, shape, num_steps):
+  """The x_T and per-step noise our pipeline draws for a stage (samplers.sample's draws)."""
+  keys = pipeline.stage_keys(seeds, stage_index)
+  if stage_index == 0:  # the prior's rows: one candidate per image
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+  x_T = samplers.initial_noise(keys, shape)
+  _, step_rng = samplers._split(keys)
+  steps = [samplers.normal(samplers._fold_in(step_rng, k), shape) for k in range(num_steps)]
+  return np.asarray(x_T), [np.asarray(s) for s in steps]
+
+
+class NoiseQueue(FixedNoise):
+  """The scheduler's successive randn draws, in order (all three stages' steps with t > 0)."""
+
+  def __init__(self, noises):
+    self.queue = list(noises)
+
+  @property
+  def noise(self):
+    return self.queue.pop(0)
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def test_config_and_options_are_karlos(karlo):
+  ours = karlo["ours"]
+  assert ours.stages == ("prior", "decoder", "sr1")
+  assert ours.configs["sr1"]["params_last"] and set(ours.params["sr1"]) == {"first", "last"}
+  assert ours.default_options["prior"] == StageOptions(25, "ddpm", guidance_scale=4.0, clip_range=5.0)
+  assert ours.default_options["decoder"] == StageOptions(25, "ddpm", guidance_scale=8.0, clip_range=1.0)
+  assert ours.default_options["sr1"] == StageOptions(7, "ddpm", clip_range=1.0)
+  assert ours.configs["decoder"]["diffusion"]["variance_type"] == "learned_range"
+  assert ours.configs["decoder"]["resolution"] == 16 and ours.configs["sr1"]["resolution"] == 32
+
+
+def test_text_to_image_matches_unclip_pipeline(karlo, fixed_unclip_noise):
+  ours, ref = karlo["ours"], karlo["torch"]
+  n = len(PROMPTS)
+  prior_T, prior_steps = _our_noise(SEEDS, 0, (n, WIDTH), STEPS["prior"])
+  dec_T, dec_steps = _our_noise(SEEDS, 1, (n, 16, 16, 3), STEPS["decoder"])
+  sr_T, sr_steps = _our_noise(SEEDS, 2, (n, 32, 32, 3), STEPS["sr1"])
+  # diffusers draws noise only at steps with t > 0: all but each chain's last
+  queue = ([torch.from_numpy(s) for s in prior_steps[:-1]] + [_nchw(s) for s in dec_steps[:-1]]
+           + [_nchw(s) for s in sr_steps[:-1]])
+  with torch.no_grad():
+    expected = ref(PROMPTS, prior_num_inference_steps=STEPS["prior"],
+                   decoder_num_inference_steps=STEPS["decoder"], super_res_num_inference_steps=STEPS["sr1"],
+                   generator=NoiseQueue(queue), prior_latents=torch.from_numpy(prior_T),
+                   decoder_latents=_nchw(dec_T), super_res_latents=_nchw(sr_T),
+                   prior_guidance_scale=GUIDANCE["prior"], decoder_guidance_scale=GUIDANCE["decoder"],
+                   output_type="np").images
+  options = {stage: {"num_steps": steps, **({"guidance_scale": GUIDANCE[stage]} if stage in GUIDANCE else {})}
+             for stage, steps in STEPS.items()}
+  got = ours.text_to_image(PROMPTS, SEEDS, options, num_candidates=1, as_float=True)
+  got = np.clip(got * 0.5 + 0.5, 0, 1)
+  assert got.shape == expected.shape == (n, 32, 32, 3)
+  assert expected.std() > 0.05  # not a saturated image
+  err = np.abs(got - expected).max()
+  assert err < 1e-3, err
+
+
+def test_missing_and_misshaped_tensors_are_named(karlo, tmp_path):
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  src = str(tmp_path / "broken")
+  shutil.copytree(karlo["src"], src)
+  path = os.path.join(src, "super_res_last", "diffusion_pytorch_model.safetensors")
+  state = load_file(path)
+  del state["conv_in.bias"]
+  state["conv_out.weight"] = state["conv_out.weight"][:2]
+  save_file(state, path)
+  shutil.rmtree(os.path.join(src, "text_proj"))
+  with pytest.raises(ConversionError, match="missing \\['text_proj'\\]"):
+    diffusers_pipeline.convert(src, str(tmp_path / "out"))
+  shutil.copytree(os.path.join(karlo["src"], "text_proj"), os.path.join(src, "text_proj"))
+  with pytest.raises(ConversionError) as info:
+    diffusers_pipeline.convert(src, str(tmp_path / "out"))
+  assert "missing tensor 'conv_in.bias'" in str(info.value)
+  assert "conv_out/kernel: checkpoint shape (3, 3, 64, 2)" in str(info.value) or "conv_out" in str(info.value)
+  assert not os.path.exists(tmp_path / "out" / "pipeline.json")
