@@ -132,19 +132,46 @@ def test_config_and_options_are_karlos(karlo):
   assert ours.configs["decoder"]["resolution"] == 16 and ours.configs["sr1"]["resolution"] == 32
 
 
-def test_text_to_image_matches_unclip_pipeline(karlo, fixed_unclip_noise):
+def float64_schedulers(pipe, monkeypatch):
+  """The pipeline's UnCLIPSchedulers with float64 constants (unclip_oracle.float64_unclip_scheduler's
+  reason: in float32 their steps lose up to 1e-3 where they form 1 - abar and 1 - beta), each step's
+  output cast back to float32 for the next model call.
+
+  Measured on this model with stock float32 schedulers: z_i off by 2e-3, the decoder's image by
+  1.4e-3, and the random upsampler amplifies that to 0.14 max abs in the final image; with float64
+  constants: z_i 4e-6, decoder 6e-5, final 3e-5.
+  """
+  from diffusers import UnCLIPScheduler
+
+  for scheduler in [c for c in pipe.components.values() if isinstance(c, UnCLIPScheduler)]:
+    scheduler.betas = scheduler.betas.double()
+    scheduler.alphas = 1.0 - scheduler.betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+  step = UnCLIPScheduler.step
+
+  def float32_step(self, *args, **kwargs):
+    out = step(self, *args, **kwargs)
+    out.prev_sample = out.prev_sample.float()
+    return out
+
+  monkeypatch.setattr(UnCLIPScheduler, "step", float32_step)
+
+
+def test_text_to_image_matches_unclip_pipeline(karlo, fixed_unclip_noise, monkeypatch):
   ours, ref = karlo["ours"], karlo["torch"]
+  float64_schedulers(ref, monkeypatch)
   n = len(PROMPTS)
   prior_T, prior_steps = _our_noise(SEEDS, 0, (n, WIDTH), STEPS["prior"])
   dec_T, dec_steps = _our_noise(SEEDS, 1, (n, 16, 16, 3), STEPS["decoder"])
   sr_T, sr_steps = _our_noise(SEEDS, 2, (n, 32, 32, 3), STEPS["sr1"])
   # diffusers draws noise only at steps with t > 0: all but each chain's last
-  queue = ([torch.from_numpy(s) for s in prior_steps[:-1]] + [_nchw(s) for s in dec_steps[:-1]]
+  queue = ([torch.from_numpy(s.copy()) for s in prior_steps[:-1]] + [_nchw(s) for s in dec_steps[:-1]]
            + [_nchw(s) for s in sr_steps[:-1]])
   with torch.no_grad():
     expected = ref(PROMPTS, prior_num_inference_steps=STEPS["prior"],
                    decoder_num_inference_steps=STEPS["decoder"], super_res_num_inference_steps=STEPS["sr1"],
-                   generator=NoiseQueue(queue), prior_latents=torch.from_numpy(prior_T),
+                   generator=NoiseQueue(queue), prior_latents=torch.from_numpy(prior_T.copy()),
                    decoder_latents=_nchw(dec_T), super_res_latents=_nchw(sr_T),
                    prior_guidance_scale=GUIDANCE["prior"], decoder_guidance_scale=GUIDANCE["decoder"],
                    output_type="np").images
@@ -153,7 +180,7 @@ def test_text_to_image_matches_unclip_pipeline(karlo, fixed_unclip_noise):
   got = ours.text_to_image(PROMPTS, SEEDS, options, num_candidates=1, as_float=True)
   got = np.clip(got * 0.5 + 0.5, 0, 1)
   assert got.shape == expected.shape == (n, 32, 32, 3)
-  assert expected.std() > 0.05  # not a saturated image
+  assert np.mean((expected > 0.01) & (expected < 0.99)) > 0.3  # mostly not clamped
   err = np.abs(got - expected).max()
   assert err < 1e-3, err
 
