@@ -206,3 +206,54 @@ def test_missing_and_misshaped_tensors_are_named(karlo, tmp_path):
   assert "missing tensor 'conv_in.bias'" in str(info.value)
   assert "conv_out/kernel: checkpoint shape (3, 3, 64, 2)" in str(info.value) or "conv_out" in str(info.value)
   assert not os.path.exists(tmp_path / "out" / "pipeline.json")
+
+
+@pytest.fixture(scope="module")
+def karlo_variations(tmp_path_factory):
+  from diffusers import UnCLIPImageVariationPipeline
+  from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+  tmp = str(tmp_path_factory.mktemp("karlo_variations"))
+  parts = _components(tmp)
+  for name in ("prior", "prior_scheduler"):
+    del parts[name]
+  torch.manual_seed(7)
+  vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+      hidden_size=WIDTH, projection_dim=WIDTH, image_size=32, patch_size=8, num_hidden_layers=2,
+      num_attention_heads=4, intermediate_size=37)).eval()
+  parts["image_encoder"] = _randomize(vision, 8, 0.02)
+  parts["feature_extractor"] = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+  pipe = UnCLIPImageVariationPipeline(**parts)
+  src, dst = os.path.join(tmp, "diffusers"), os.path.join(tmp, "converted")
+  pipe.save_pretrained(src, safe_serialization=True)
+  assert convert_main(["--from", "diffusers", "--src", src, "--dst", dst]) == 0
+  return dict(torch=pipe, src=src, dst=dst, ours=pipeline.Pipeline.load(dst))
+
+
+def test_variations_match_unclip_image_variation_pipeline(karlo_variations, fixed_unclip_noise, monkeypatch):
+  from PIL import Image
+
+  ours, ref = karlo_variations["ours"], karlo_variations["torch"]
+  float64_schedulers(ref, monkeypatch)
+  assert ours.stages == ("decoder", "sr1")
+  with pytest.raises(pipeline.CheckpointError, match="no prior"):
+    ours.text_to_image(["a red circle"], [0])
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # CLIP's crop size: no resampling on either side
+  seeds = [5, 6]
+  n = len(seeds)
+  dec_T, dec_steps = _our_noise(seeds, 1, (n, 16, 16, 3), STEPS["decoder"])
+  sr_T, sr_steps = _our_noise(seeds, 2, (n, 32, 32, 3), STEPS["sr1"])
+  queue = [_nchw(s) for s in dec_steps[:-1]] + [_nchw(s) for s in sr_steps[:-1]]
+  with torch.no_grad():
+    expected = ref(Image.fromarray(image), num_images_per_prompt=n, decoder_num_inference_steps=STEPS["decoder"],
+                   super_res_num_inference_steps=STEPS["sr1"], generator=NoiseQueue(queue),
+                   decoder_latents=_nchw(dec_T), super_res_latents=_nchw(sr_T),
+                   decoder_guidance_scale=GUIDANCE["decoder"], output_type="np").images
+  options = {"decoder": {"num_steps": STEPS["decoder"], "sampler": "ddpm", "guidance_scale": GUIDANCE["decoder"]},
+             "sr1": {"num_steps": STEPS["sr1"]}}
+  got = np.clip(ours.variations(image, seeds, options, as_float=True) * 0.5 + 0.5, 0, 1)
+  assert got.shape == expected.shape == (n, 32, 32, 3)
+  assert np.mean((expected > 0.01) & (expected < 0.99)) > 0.3
+  err = np.abs(got - expected).max()
+  assert err < 1e-3, err

@@ -134,7 +134,7 @@ def convert_clip(src: str, dst: str, with_vision: bool):
                               f"{vision_config.projection_dim}: not one CLIP.")
       config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
                           projection_dim=text_config.projection_dim)
-      state = {**text_state, **vision_state, "logit_scale": np.asarray(np.log(1 / 0.07), np.float32)}
+      state = {**text_state, **vision_state}  # logit_scale (unused here) keeps its initial value
       cls = transformers.FlaxCLIPModel
     else:
       config = CLIPTextConfig.from_pretrained(text_dir)
@@ -169,10 +169,10 @@ def _check_clip_state(tmp: str, with_vision: bool, source: str):
     _, info = cls.from_pretrained(tmp, output_loading_info=True, ignore_mismatched_sizes=True)
   except Exception as e:
     raise ConversionError(f"CLIP ({source}) does not load: {e}") from e
-  problems = [f"missing tensor {k!r}" for k in info.get("missing_keys", [])]
+  problems = [f"missing tensor {k!r}" for k in info.get("missing_keys", []) if k != "logit_scale"]
   problems += [f"unused tensor {k!r}" for k in info.get("unexpected_keys", [])]
-  problems += [f"{k}: checkpoint shape {tuple(a)}, model expects {tuple(b)}" for k, a, b in
-               info.get("mismatched_keys", [])]
+  problems += [f"{m[0]}: checkpoint shape {tuple(m[1])}, model expects {tuple(m[2])}" if len(m) >= 3
+               else f"mis-shaped tensor {m}" for m in info.get("mismatched_keys", [])]
   if problems:
     raise ConversionError(f"CLIP ({source}) does not match its config:\n  " + "\n  ".join(problems))
 
