@@ -257,3 +257,21 @@ def test_variations_match_unclip_image_variation_pipeline(karlo_variations, fixe
   assert np.mean((expected > 0.01) & (expected < 0.99)) > 0.3
   err = np.abs(got - expected).max()
   assert err < 1e-3, err
+
+
+def test_karlo_training_configs_hold_karlos_architecture():
+  from configs import karlo
+  from unclip_jax.models import prior as prior_lib
+  from unclip_jax.models import unet as unet_lib
+
+  prior = karlo.get_config("prior")
+  assert (prior.model.width, prior.model.num_layers, prior.model.num_heads) == (2048, 20, 32)
+  assert prior_lib.karlo_config().num_layers == 20
+  decoder = karlo.get_config("decoder")
+  assert tuple(decoder.model.block_channels) == unet_lib.karlo_decoder().block_channels
+  assert decoder.model.context_dim == 1536 and decoder.diffusion.variance_type == "learned_range"
+  assert decoder.guidance_scale == 8.0 and decoder.sample_steps == 25
+  sr = karlo.get_config("sr1")
+  assert sr.model.scale_shift is False and sr.sample_steps == 7 and (sr.low_res_resolution, sr.resolution) == (64, 256)
+  with pytest.raises(ValueError, match="no 256 -> 1024"):
+    karlo.get_config("sr2")
