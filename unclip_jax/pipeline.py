@@ -11,6 +11,11 @@ writes them) and the CLIP folder:
   CHECKPOINT/clip/                a Hugging Face CLIP folder
   CHECKPOINT/prior/ ...           train.py exports (config.json + params/)
 
+A stage whose config says "params_last": true holds params {"first", "last"}:
+"last" runs the chain's final step (Karlo's super_res_last; see
+unclip_jax/convert/diffusers_pipeline.py). The prior is optional: without it
+the checkpoint serves the image applications only.
+
 "options" holds the sampling settings the checkpoint's author recommends
 (StageOptions fields per stage, each stage's over the "karlo" preset's); they
 are the pipeline's `default_options`.
