@@ -229,6 +229,18 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, stack_dir):
     pipeline.Pipeline.load(stack_dir, clip_dir=str(tmp_path / "nothing"))
 
 
+def test_a_clip_of_other_widths_is_refused_at_load(tmp_path, stack_dir):
+  from unclip_jax.stages import clip as clip_stage
+
+  config = shapes.get_config("clip,tiny")
+  config.model.embed_dim = 24  # the stack's stages were built for 16
+  stage = clip_stage.ClipStage(config, str(tmp_path))
+  stage.export(stage.init_params(jax.random.key(0)), str(tmp_path / "clip24"))
+  with pytest.raises(pipeline.CheckpointError, match=r"The prior does not fit the CLIP .* expects embedding width 16 "
+                     r"\(the CLIP has 24\)"):
+    pipeline.Pipeline.load(stack_dir, clip_dir=str(tmp_path / "clip24"))
+
+
 def test_outputs_are_pngs_with_json_settings_and_a_grid(pipe, tmp_path):
   import json
 

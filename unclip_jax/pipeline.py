@@ -92,6 +92,25 @@ def _read_stage(folder: str, stage: str):
   return params, config
 
 
+def _check_clip_fits(configs: dict, clip, clip_path: str):
+  """The prior's and decoder's CLIP widths against the CLIP's: a mismatch is a one-line error here,
+  not a shape error deep inside the first sampling call."""
+  have = {"embedding width": clip.embed_dim, "token width": clip.text_width, "tokens": clip.max_length}
+  wants = {}
+  if "prior" in configs:
+    model = configs["prior"]["model"]
+    wants["prior"] = {"embedding width": model["clip_dim"], "token width": model.get("text_width") or model["clip_dim"],
+                      "tokens": model.get("num_text_tokens", 77)}
+  text_proj = configs["decoder"]["model"].get("text_proj")
+  if text_proj:
+    wants["decoder"] = {"embedding width": text_proj["clip_dim"],
+                        "token width": text_proj.get("text_dim") or text_proj["clip_dim"]}
+  for stage, want in wants.items():
+    wrong = [f"{k} {v} (the CLIP has {have[k]})" for k, v in want.items() if v != have[k]]
+    if wrong:
+      raise CheckpointError(f"The {stage} does not fit the CLIP at {clip_path!r}: it expects {', '.join(wrong)}.")
+
+
 def stage_options(stage: str, fields, base: StageOptions | None = None) -> StageOptions:
   """StageOptions from a StageOptions or a dict of its fields (the others from base, default Karlo's)."""
   if stage not in STAGES:
@@ -209,9 +228,7 @@ class Pipeline:
     for stage in STAGES:
       if stage in layout:
         params[stage], configs[stage] = _read_stage(os.path.join(path, layout[stage]), stage)
-    if "prior" in configs and configs["prior"]["model"]["clip_dim"] != clip.embed_dim:
-      raise CheckpointError(f"The prior expects CLIP embeddings of width {configs['prior']['model']['clip_dim']}, "
-                            f"the CLIP at {clip_path!r} makes {clip.embed_dim}.")
+    _check_clip_fits(configs, clip, clip_path)
     return cls(clip, params, configs, mesh=mesh, progress=progress, default_options=default_options)
 
   @property
