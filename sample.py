@@ -157,10 +157,10 @@ def main(argv):
     _fail("--num_images must be at least 1.")
   thetas = _thetas() if mode == "textdiff" else None
   images = {flag.name: _image(flag) for flag in (_IMAGE, _IMAGE2) if flag.value is not None}
+  if _CHECKPOINT.value == DEMO_CHECKPOINT and not os.path.isfile(os.path.join(DEMO_CHECKPOINT, "pipeline.json")):
+    _fail("the shipped Shapes demo model is not complete in this checkout yet (its stages are being trained "
+          "and committed under assets/shapes_demo, issue #7); pass --checkpoint DIR with a checkpoint of your own.")
   if not os.path.isdir(_CHECKPOINT.value):
-    if _CHECKPOINT.value == DEMO_CHECKPOINT:
-      _fail("the shipped Shapes demo model is not in this checkout yet (it is trained and committed under "
-            "assets/shapes_demo by issue #7); pass --checkpoint DIR with a checkpoint of your own.")
     _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist.")
 
   import jax
