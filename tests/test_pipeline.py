@@ -222,6 +222,24 @@ def test_checkpoint_default_options(tmp_path, stack_dir, pipe):
     pipeline.Pipeline.load(path)
 
 
+def test_float16_storage_halves_the_checkpoint_and_samples_in_float32(tmp_path, stack_dir, pipe):
+  from unclip_jax import checkpoints
+
+  folders = {name: f"{stack_dir}/{name}" for name in ("clip", *pipeline.STAGES)}
+  path = pipeline.assemble(str(tmp_path / "f16"), param_dtype="float16", **folders)
+  stored, _ = checkpoints.load_inference(f"{path}/decoder")
+  assert {x.dtype for x in jax.tree.leaves(stored)} == {np.dtype("float16")}
+  original, _ = checkpoints.load_inference(f"{stack_dir}/decoder")
+  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(original)):  # rounded, not rescaled or reordered
+    np.testing.assert_array_equal(a, b.astype(np.float16))
+  half = pipeline.Pipeline.load(path)
+  assert {x.dtype for x in jax.tree.leaves(half.params)} == {np.dtype("float32")}
+  z_i = pipe.image_embeddings([IMAGE_A, IMAGE_A[::-1]])
+  ours = half.decode(z_i, "", [1, 2], FAST, up_to="decoder")
+  full = pipe.decode(z_i, "", [1, 2], FAST, up_to="decoder")
+  assert np.abs(ours - full).max() < 2e-2  # float16 rounding of the weights, nothing more
+
+
 def test_bad_checkpoints_are_clear_errors(tmp_path, stack_dir):
   with pytest.raises(pipeline.CheckpointError, match="no pipeline.json"):
     pipeline.Pipeline.load(str(tmp_path))

@@ -82,11 +82,16 @@ class InputError(ValueError):
   """Arguments an application cannot work with (too few frames, captions without a difference, ...)."""
 
 
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: np.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else x, tree)
+
+
 def _read_stage(folder: str, stage: str):
   try:
     params, config = checkpoints.load_inference(folder)
   except FileNotFoundError as e:
     raise CheckpointError(f"{stage}: {e}") from e
+  params = _cast_floats(params, np.float32)  # a checkpoint may store float16 (assemble's param_dtype)
   if config.get("stage") != stage:
     raise CheckpointError(f"{folder!r} holds a {config.get('stage')!r} export, expected {stage!r}.")
   return params, config
@@ -129,12 +134,14 @@ def stage_options(stage: str, fields, base: StageOptions | None = None) -> Stage
   return options
 
 
-def assemble(path: str, options: dict | None = None, **folders: str) -> str:
+def assemble(path: str, options: dict | None = None, param_dtype: str | None = None, **folders: str) -> str:
   """Copies a CLIP folder and stage exports (clip=, prior=, decoder=, sr1=, sr2=) into one checkpoint.
 
   options: the recommended sampling settings, {stage: StageOptions or dict of
   its fields}, written to pipeline.json (Pipeline.load reads them back as
-  default_options).
+  default_options). param_dtype (e.g. "float16") stores the stages' float
+  params in that dtype, to halve a checkpoint that ships in a repository;
+  Pipeline.load computes in float32 whatever the stored dtype.
   """
   import shutil
 
@@ -150,7 +157,11 @@ def assemble(path: str, options: dict | None = None, **folders: str) -> str:
                          for stage, fields in options.items()}
   os.makedirs(path, exist_ok=True)
   for name, folder in folders.items():
-    shutil.copytree(folder, os.path.join(path, name), dirs_exist_ok=True)
+    if name == "clip" or param_dtype is None:
+      shutil.copytree(folder, os.path.join(path, name), dirs_exist_ok=True)
+    else:
+      params, config = checkpoints.load_inference(folder)
+      checkpoints.export_inference(os.path.join(path, name), _cast_floats(params, param_dtype), config)
   with open(os.path.join(path, PIPELINE_FILE), "w") as f:
     json.dump(layout, f, indent=2)
   return path
