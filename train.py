@@ -55,6 +55,7 @@ def main(argv):
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
   try:
+    train_loop.make_optimizer(config)  # a bad optim.* setting is a one-line error before anything compiles
     stage, batches = build.build(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -16,8 +16,8 @@ import ml_collections
 
 from configs import common
 
-BATCH_SIZE = {"clip": 128, "prior": 128, "decoder": 64, "sr1": 64, "sr2": 64}
-TOTAL_STEPS = {"clip": 1500, "prior": 2000, "decoder": 3000, "sr1": 1500, "sr2": 1500}
+BATCH_SIZE = {"clip": 128, "prior": 64, "decoder": 32, "sr1": 32, "sr2": 32}
+TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 2000, "sr1": 1000, "sr2": 800}
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
 SAMPLING_OPTIONS = {
     "prior": dict(num_steps=25, sampler="ddpm", guidance_scale=2.0, clip_range=5.0),
@@ -44,7 +44,7 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.optim.update(learning_rate=1e-3 if tiny else 5e-4, weight_decay=0.1, warmup_steps=0 if tiny else 200)
   elif stage == "prior":
     # Latent and token shapes come from the CLIP; these size the Transformer.
-    c.model = ml_collections.ConfigDict(dict(width=32 if tiny else 256, num_layers=2 if tiny else 6,
+    c.model = ml_collections.ConfigDict(dict(width=32 if tiny else 256, num_layers=2 if tiny else 4,
                                              num_heads=2 if tiny else 8))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000))
     c.p_uncond = 0.1
@@ -56,8 +56,8 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.resolution = 32 if tiny else 64
     c.decoder_resolution = 16
     c.model = ml_collections.ConfigDict(dict(
-        block_channels=[32, 32] if tiny else [48, 96, 96], layers_per_block=1,
-        attention_levels=[False, True] if tiny else [False, True, True], mid_attention=True,
+        block_channels=(32, 32) if tiny else (48, 96, 96), layers_per_block=1,
+        attention_levels=(False, True) if tiny else (False, True, True), mid_attention=True,
         head_dim=16 if tiny else 32, context_dim=32 if tiny else 96, norm_groups=8 if tiny else 16,
         dropout=0.0, extra_tokens=4))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000,
@@ -72,8 +72,8 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.augmentation = "blur" if stage == "sr1" else "bsr"
     c.crop_fraction = 0.5 if tiny else 0.25
     c.model = ml_collections.ConfigDict(dict(
-        block_channels=[16, 32] if tiny else [32, 64, 64], layers_per_block=1 if tiny else 2,
-        attention_levels=[False, False] if tiny else [False, False, False], mid_attention=False,
+        block_channels=(16, 32) if tiny else (32, 64, 64), layers_per_block=1 if tiny else 2,
+        attention_levels=(False, False) if tiny else (False, False, False), mid_attention=False,
         norm_groups=8 if tiny else 16, dropout=0.0 if tiny else 0.1))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine" if stage == "sr1" else "linear",
                                                  num_timesteps=1000))
@@ -85,6 +85,7 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
   c.batch_size = 8 if tiny else BATCH_SIZE[stage]
   c.total_steps = 2 if tiny else TOTAL_STEPS[stage]
   c.ema_decay = 0.999  # these runs are a few thousand steps; the paper's 0.9999 would barely move
+  c.optim.decay = "constant" if tiny else "cosine"
   c.log_every = 1 if tiny else 50
   c.checkpoint_every = 2 if tiny else 500
   return c

@@ -2,7 +2,7 @@
 # Trains the whole Shapes-world unCLIP stack in order (CLIP first: the other
 # stages read its export) and assembles the inference checkpoint sample.py uses.
 #
-#   scripts/train_shapes_demo.sh                      # ~1.5 h on a 2-core CPU
+#   scripts/train_shapes_demo.sh                      # about 2 h on a 2-core CPU
 #   scripts/train_shapes_demo.sh tiny /tmp/runs /tmp/demo   # two steps per stage (a smoke test)
 #
 # Arguments: [full|tiny] [RUNS_DIR=runs/shapes] [CHECKPOINT=assets/shapes_demo].
@@ -24,6 +24,6 @@ import sys
 from configs import shapes
 from unclip_jax import pipeline
 runs, out = sys.argv[1:]
-print(pipeline.assemble(out, options=shapes.SAMPLING_OPTIONS,
+print(pipeline.assemble(out, options=shapes.SAMPLING_OPTIONS, param_dtype="float16",
                         **{s: f"{runs}/{s}/export" for s in ("clip", "prior", "decoder", "sr1", "sr2")}))
 PY

@@ -89,6 +89,9 @@ def test_train_py_reports_bad_config_clearly(tmp_path):
   out = run("--config", "configs/shapes.py:prior,tiny", "--workdir", str(tmp_path),
             f"--config.clip_dir={tmp_path}/missing")
   assert out.returncode != 0 and "config.clip_dir" in out.stderr and "Traceback" not in out.stderr
+  out = run("--config", "configs/shapes.py:sr1", "--workdir", str(tmp_path), "--config.total_steps=10")
+  assert out.returncode != 0 and "cosine decay needs total_steps greater than warmup_steps" in out.stderr
+  assert "Traceback" not in out.stderr
 
 
 def test_upsampler_conditioning_is_degraded_per_example_and_reproducible(tmp_path):
