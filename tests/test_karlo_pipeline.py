@@ -16,71 +16,15 @@ from unclip_oracle import FixedNoise  # noqa: E402
 from unclip_jax import pipeline  # noqa: E402
 from unclip_jax.convert.__main__ import main as convert_main  # noqa: E402
 from unclip_jax.convert.common import ConversionError  # noqa: E402
-from unclip_jax.convert import diffusers_pipeline  # noqa: E402
+from unclip_jax.convert import diffusers_pipeline, random_karlo  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
 from unclip_jax.pipeline import StageOptions  # noqa: E402
 
-WIDTH = 32  # CLIP hidden = projection = the prior's and text projection's embedding width
-WORDS = ["a", "red", "circle", "blue", "square", "above"]
+WIDTH = random_karlo.SIZES["tiny"].clip_width  # CLIP hidden = projection = the prior's embedding width
 PROMPTS = ["a red circle above a blue square", "a blue circle"]
 SEEDS = [3, 4]
 STEPS = {"prior": 3, "decoder": 3, "sr1": 3}
 GUIDANCE = {"prior": 4.0, "decoder": 8.0}
-
-
-def _randomize(module, seed, scale=0.1):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(scale * torch.randn(p.shape, generator=gen))
-  return module.eval()
-
-
-def _components(tmp):
-  from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
-  from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
-  from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-  from unclip_jax.stages import clip as clip_stage
-
-  tokenizer = clip_stage.write_word_tokenizer(WORDS, os.path.join(tmp, "tok"))
-  torch.manual_seed(0)
-  text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, projection_dim=WIDTH,
-                               intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                               max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  text_encoder = CLIPTextModelWithProjection(text_config).eval()
-  prior = PriorTransformer(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=WIDTH,
-                           num_embeddings=77, additional_embeddings=4)
-  with torch.no_grad():  # zero-initialised embeddings and stats get signal too
-    prior.positional_embedding.normal_(0, 0.3)
-    prior.prd_embedding.normal_(0, 0.3)
-    prior.clip_mean.normal_(0, 0.5)
-    prior.clip_std.uniform_(0.5, 1.5)
-  decoder = UNet2DConditionModel(
-      sample_size=16, in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
-      down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-      up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-      mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=24, attention_head_dim=16,
-      class_embed_type="identity", resnet_time_scale_shift="scale_shift", norm_num_groups=8)
-  text_proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=WIDTH, time_embed_dim=128,
-                                  cross_attention_dim=24)
-
-  def sr(seed):
-    torch.manual_seed(seed)
-    return _randomize(UNet2DModel(
-        sample_size=32, in_channels=6, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("ResnetDownsampleBlock2D",) * 2, up_block_types=("ResnetUpsampleBlock2D",) * 2,
-        add_attention=False, norm_num_groups=8), seed)
-
-  return dict(
-      text_encoder=_randomize(text_encoder, 1, 0.02), tokenizer=tokenizer, prior=_randomize(prior, 2, 0.02),
-      decoder=_randomize(decoder, 3), text_proj=_randomize(text_proj, 4), super_res_first=sr(5),
-      super_res_last=sr(6),
-      prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
-                                      clip_sample_range=5.0),
-      decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
-      super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +32,7 @@ def karlo(tmp_path_factory):
   from diffusers import UnCLIPPipeline
 
   tmp = str(tmp_path_factory.mktemp("karlo"))
-  pipe = UnCLIPPipeline(**_components(tmp))
+  pipe = UnCLIPPipeline(**random_karlo.components(tmp, "tiny"))
   src, dst = os.path.join(tmp, "diffusers"), os.path.join(tmp, "converted")
   pipe.save_pretrained(src, safe_serialization=True)
   assert convert_main(["--from", "diffusers", "--src", src, "--dst", dst]) == 0
@@ -214,14 +158,14 @@ def karlo_variations(tmp_path_factory):
   from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
   tmp = str(tmp_path_factory.mktemp("karlo_variations"))
-  parts = _components(tmp)
+  parts = random_karlo.components(tmp, "tiny")
   for name in ("prior", "prior_scheduler"):
     del parts[name]
   torch.manual_seed(7)
   vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
       hidden_size=WIDTH, projection_dim=WIDTH, image_size=32, patch_size=8, num_hidden_layers=2,
       num_attention_heads=4, intermediate_size=37)).eval()
-  parts["image_encoder"] = _randomize(vision, 8, 0.02)
+  parts["image_encoder"] = random_karlo.randomize(vision, 8, 0.02)
   parts["feature_extractor"] = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
   pipe = UnCLIPImageVariationPipeline(**parts)
   src, dst = os.path.join(tmp, "diffusers"), os.path.join(tmp, "converted")
