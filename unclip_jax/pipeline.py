@@ -102,14 +102,13 @@ def _check_clip_fits(configs: dict, clip, clip_path: str):
   not a shape error deep inside the first sampling call."""
   have = {"embedding width": clip.embed_dim, "token width": clip.text_width, "tokens": clip.max_length}
   wants = {}
-  if "prior" in configs:
-    model = configs["prior"]["model"]
-    wants["prior"] = {"embedding width": model["clip_dim"], "token width": model.get("text_width") or model["clip_dim"],
-                      "tokens": model.get("num_text_tokens", 77)}
-  text_proj = configs["decoder"]["model"].get("text_proj")
+  if "prior" in configs:  # the configs' own defaults apply (e.g. a token width of None means clip_dim)
+    prior = prior_lib.PriorConfig(**configs["prior"]["model"])
+    wants["prior"] = {"embedding width": prior.clip_dim, "token width": prior.text_width or prior.clip_dim,
+                      "tokens": prior.num_text_tokens}
+  text_proj = unet_lib.UNetConfig.from_dict(configs["decoder"]["model"]).text_proj
   if text_proj:
-    wants["decoder"] = {"embedding width": text_proj["clip_dim"],
-                        "token width": text_proj.get("text_dim") or text_proj["clip_dim"]}
+    wants["decoder"] = {"embedding width": text_proj.clip_dim, "token width": text_proj.text_dim or text_proj.clip_dim}
   for stage, want in wants.items():
     wrong = [f"{k} {v} (the CLIP has {have[k]})" for k, v in want.items() if v != have[k]]
     if wrong:
