@@ -16,8 +16,8 @@ import ml_collections
 
 from configs import common
 
-BATCH_SIZE = {"clip": 128, "prior": 64, "decoder": 32, "sr1": 32, "sr2": 32}
-TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 2000, "sr1": 1000, "sr2": 800}
+BATCH_SIZE = {"clip": 128, "prior": 64, "decoder": 32, "sr1": 16, "sr2": 16}
+TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 2000, "sr1": 600, "sr2": 500}
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
 SAMPLING_OPTIONS = {
     "prior": dict(num_steps=25, sampler="ddpm", guidance_scale=2.0, clip_range=5.0),
@@ -70,18 +70,23 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.low_res_resolution = 16 if stage == "sr1" else 32
     c.resolution = 2 * c.low_res_resolution
     c.augmentation = "blur" if stage == "sr1" else "bsr"
-    c.crop_fraction = 0.5 if tiny else 0.25
+    # The paper trains on quarter-size crops of 1024 px images; crops of 8-16 px starve these small
+    # U-Nets of context and do not transfer to the full image, so sr1 trains on whole 32 px images
+    # and sr2 on half-size (32 px) crops of its 64 px images.
+    c.crop_fraction = 1.0 if stage == "sr1" else 0.5
     c.model = ml_collections.ConfigDict(dict(
         block_channels=(16, 32) if tiny else (32, 64, 64), layers_per_block=1 if tiny else 2,
         attention_levels=(False, False) if tiny else (False, False, False), mid_attention=False,
         norm_groups=8 if tiny else 16, dropout=0.0 if tiny else 0.1))
+    # v-prediction: with eps, short runs learn to ignore the low-res image at high noise
+    # (unclip_jax/stages/upsampler.py), and the samples come out as noise.
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine" if stage == "sr1" else "linear",
-                                                 num_timesteps=1000))
+                                                 num_timesteps=1000, prediction_type="v"))
     c.sample_steps, c.sampler = (4 if tiny else 27 if stage == "sr1" else 15), "ddim"
     c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   else:
     raise ValueError(f"Unknown stage {stage!r} for configs/shapes.py.")
-  # Steps sized so that the five stages train in about 1.5 h on a 2-core CPU (docs/training.md).
+  # Steps sized so that the five stages train in about 2 h on a 2-core CPU (docs/training.md).
   c.batch_size = 8 if tiny else BATCH_SIZE[stage]
   c.total_steps = 2 if tiny else TOTAL_STEPS[stage]
   c.ema_decay = 0.999  # these runs are a few thousand steps; the paper's 0.9999 would barely move

@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 
-from unclip_jax import pipeline
+from configs import shapes
+from unclip_jax import checkpoints, pipeline
+from unclip_jax.models import clip as clip_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "assets", "shapes_demo")
@@ -35,5 +37,9 @@ def test_train_script_runs_every_stage_and_assembles_a_checkpoint(tmp_path):
     assert "2" in os.listdir(runs / stage / "checkpoints"), stage
     if stage != "clip":  # the CLIP exports a Hugging Face folder
       assert json.load(open(runs / stage / "export" / "config.json"))["stage"] == stage
+  assert clip_lib.load_clip(str(runs / "clip" / "export")).embed_dim == shapes.get_config("clip,tiny").model.embed_dim
+  prior_params, prior_config = checkpoints.load_inference(str(runs / "prior" / "export"))
+  clip_mean = np.asarray(prior_params["stats"]["clip_mean"])  # the latent stats travel with the prior
+  assert prior_config["model"]["clip_dim"] == 16 and clip_mean.shape == (16,) and np.all(np.isfinite(clip_mean))
   pipe = pipeline.Pipeline.load(str(out))
   assert pipe.stages == ("prior", "decoder", "sr1", "sr2")

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import shapes
@@ -58,7 +59,10 @@ def test_clip_stage_learns_and_exports_a_loadable_clip(tmp_path):
 
 
 def _one_step(stage, batch, mesh):
-  tx = train_loop.make_optimizer(stage.config)[0]
+  # Plain SGD, so that the update is linear in the gradient: Adam's first step is
+  # ~lr * sign(g), which turns reduction-order noise in near-zero gradients into
+  # O(lr) differences (CI once saw 1.9e-5 of lr 1e-3).
+  tx = optax.sgd(1.0)
   state, shardings = training.create_train_state(stage.init_params, tx, jax.random.key(0), mesh)
   step = training.jit_train_step(training.make_train_step(stage.loss, tx, ema_decay=0.9), shardings, mesh)
   state, metrics = step(state, parallel.global_batch(batch, mesh))
@@ -105,7 +109,10 @@ def test_upsampler_conditioning_is_degraded_per_example_and_reproducible(tmp_pat
   assert np.abs(a["low_res"] - plain).mean() > 0.01  # BSR did more than resize
 
 
-@pytest.mark.parametrize("stage_name", ["clip", "prior", "decoder", "sr1", "sr2"])
+# The U-Net stages. tests/test_shapes_demo.py runs every stage (clip, prior and sr1 included)
+# through train.py and checks their exports; sr1 shares sr2's stage code (only the degradation
+# differs, tested in test_degradations.py).
+@pytest.mark.parametrize("stage_name", ["decoder", "sr2"])
 def test_every_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, shapes_clip_dir):
   """Through the real loop: step 1 on the Shapes world, step 2 on tfds mock coco_captions
   (one compile serves both); then the sample grid and the export."""
@@ -130,15 +137,8 @@ def test_every_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, s
   state = train_loop.train(config, str(tmp_path), stage, both)
   assert int(state.step) == 2 and [name for name, _ in seen] == ["shapes", "tfds"]
   assert seen[0][1] == seen[1][1] == (8, config.resolution, config.resolution, 3)
-  if stage_name == "clip":
-    assert clip_lib.load_clip(str(tmp_path / "export")).embed_dim == config.model.embed_dim
-    return
   params, exported = checkpoints.load_inference(str(tmp_path / "export"))
   assert exported["stage"] == stage_name
-  if stage_name == "prior":
-    assert exported["model"]["clip_dim"] == 16
-    np.testing.assert_allclose(params["stats"]["clip_mean"], stage.stats["clip_mean"])
-    return
   assert unet_lib.UNetConfig.from_dict(exported["model"]) == stage.unet_config  # JSON round trip
   assert jax.tree.structure(params) == jax.tree.structure(stage.init_params(jax.random.key(0)))
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))

@@ -143,6 +143,26 @@ def test_upsampler_overfits_tiny_batch_on_quarter_crops(sr_params):
   assert end < 0.3 * start, (start, end)
 
 
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+def test_upsampler_loss_regresses_the_configured_target(sr_params, prediction_type):
+  """The loss is the MSE to eps, or to v = sqrt(abar) eps - sqrt(1 - abar) x0, at the drawn t."""
+  from unclip_jax.diffusion import gaussian
+
+  cfg, schedule = _sr_cfg(), make_schedule("cosine", 1000)
+  image, low_up = jnp.asarray(_images(2, 16, seed=1)), jnp.asarray(_images(2, 16, seed=2))
+  rng = jax.random.PRNGKey(4)
+  loss, _ = upsampler.loss_fn(sr_params, cfg, schedule, image, low_up, rng, prediction_type=prediction_type)
+  k_t, k_noise, _ = jax.random.split(rng, 3)  # loss_fn's own draws
+  i = jax.random.randint(k_t, (2,), 0, 1000)
+  noise = jax.random.normal(k_noise, image.shape)
+  x_t = gaussian.q_sample(schedule, image, i, noise)
+  out = unet_lib.UNet(cfg).apply({"params": sr_params}, x_t, schedule.timesteps[i], low_res=low_up)
+  a = schedule.sqrt_alphas_cumprod[i][:, None, None, None]
+  s = schedule.sqrt_one_minus_alphas_cumprod[i][:, None, None, None]
+  target = noise if prediction_type == "eps" else a * noise - s * image
+  np.testing.assert_allclose(float(loss), float(jnp.mean((out - target) ** 2)), rtol=1e-5)
+
+
 def test_decoder_sample_with_unit_guidance_is_the_conditional_chain(decoder_params):
   cfg = _decoder_cfg()
   params = decoder_params

@@ -128,3 +128,21 @@ def test_shard_map_sampling_equals_the_unsharded_batch():
   per_device = jax.jit(parallel.shard_map_over_batch(run, mesh))(x_T)
   assert len(per_device.sharding.device_set) == 8
   np.testing.assert_allclose(per_device, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_train_step_ema_warms_up_so_the_init_does_not_linger():
+  """Params jump from 0 to 1 at the first step; the EMA's share of the 0 init
+  after T steps is prod_{s<T} min(decay, (1 + s) / (10 + s))."""
+  jump_to_one = optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda grads, state, params: (jax.tree.map(lambda p: 1.0 - p, params), state))
+  loss = lambda params, batch, rng: (jnp.sum(params["w"]), {})
+  step = jax.jit(training.make_train_step(loss, jump_to_one, ema_decay=0.999))
+  state = training.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(3)}, opt_state=optax.EmptyState(),
+                              ema_params={"w": jnp.zeros(3)}, rng=jax.random.key_data(jax.random.key(0)))
+  for _ in range(200):
+    state, _ = step(state, None)
+  s = np.arange(200)
+  init_share = np.prod(np.minimum(0.999, (1 + s) / (10 + s)))
+  np.testing.assert_allclose(state.ema_params["w"], 1 - init_share, rtol=1e-5)
+  assert init_share < 0.01 < 0.999 ** 200  # without the warm-up 82 % of the init would remain

@@ -305,7 +305,8 @@ class Pipeline:
     return jax.jit(functools.partial(
         upsampler_stage.sample, cfg=self.sr_cfgs[stage], schedule=schedule, size=config["resolution"],
         sampler=options.sampler, eta=options.eta, clip_range=options.clip_range,
-        dynamic_threshold=options.dynamic_threshold, progress_desc=stage if self.progress else None))
+        dynamic_threshold=options.dynamic_threshold, prediction_type=diffusion.get("prediction_type", "eps"),
+        progress_desc=stage if self.progress else None))
 
   # -- batches over devices -----------------------------------------------------------------------
 

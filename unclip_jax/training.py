@@ -89,7 +89,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
     if learning_rate is not None:
       metrics["lr"] = learning_rate(state.step) if callable(learning_rate) else jnp.asarray(learning_rate)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=optim.ema_update(state.ema_params, params, ema_decay))
+                              ema_params=optim.ema_update(state.ema_params, params,
+                                                         optim.ema_decay_at(state.step, ema_decay)))
     return new_state, metrics
 
   return step

@@ -6,6 +6,11 @@ image may be degraded first (blur / BSR, unclip_jax/data/degradations.py).
 The low-res image is upsampled to the full target size before cropping, so a
 crop sees exactly the conditioning it would see at sampling time (the model's
 own resize is the identity on an input already at its size).
+
+The network predicts eps (the paper, Karlo) or v (config.diffusion.prediction_type).
+With eps, errors in x0 cost almost nothing at high noise, so a briefly trained
+model ignores the low-res image there and DDIM's first steps start from a wrong
+image that the rest of the chain keeps; v weighs x0 evenly across noise levels.
 """
 
 import functools
@@ -46,8 +51,9 @@ def random_crop_pair(rng, image, low_res_up, crop: int):
   return jax.vmap(one)(image, low_res_up, ys, xs)  # 2 x [B, crop, crop, C]
 
 
-def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res_up, rng, *, train: bool = True):
-  """Mean diffusion loss (eps; hybrid if the config learns the variance).
+def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res_up, rng, *, train: bool = True,
+            prediction_type: str = "eps"):
+  """Mean diffusion loss (hybrid if the config learns the variance).
 
   image: [B, S, S, 3] target crops in [-1, 1]; low_res_up: [B, S, S, 3] conditioning.
   """
@@ -59,13 +65,13 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res
   x_t = gaussian.q_sample(schedule, x0, i, noise)
   out = unet_lib.UNet(cfg).apply({"params": params}, x_t, schedule.timesteps[i], low_res=low_res_up,
                                  train=train, rngs={"dropout": k_drop})
-  loss, parts = losses.diffusion_loss(schedule, out, x0, x_t, i, noise, prediction_type="eps",
+  loss, parts = losses.diffusion_loss(schedule, out, x0, x_t, i, noise, prediction_type=prediction_type,
                                       variance_type=variance_type(cfg))
   return jnp.mean(loss), {k: jnp.mean(v) for k, v in parts.items()}
 
 
 def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedule: Schedule,
-                  crop_fraction: float = 0.25, degrade: Optional[Degrade] = None):
+                  crop_fraction: float = 0.25, degrade: Optional[Degrade] = None, prediction_type: str = "eps"):
   """The shared loss_fn(params, batch, rng) once the keywords are bound.
 
   batch: image [B, H, W, 3] (the full-size target, [-1, 1]) and low_res
@@ -85,11 +91,11 @@ def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedul
     low_res = degrade(k_deg, low_res)
   low_up = unet_lib.resize_low_res(low_res, image.shape[1:3])
   image, low_up = random_crop_pair(k_crop, image, low_up, crop)
-  return loss_fn(params, cfg, schedule, image, low_up, k_loss)
+  return loss_fn(params, cfg, schedule, image, low_up, k_loss, prediction_type=prediction_type)
 
 
 def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *, size: int,
-           params_last=None, sampler: str = "ddim", **sampler_kwargs):
+           params_last=None, sampler: str = "ddim", prediction_type: str = "eps", **sampler_kwargs):
   """Full-size samples [B, size, size, 3] from low_res [B, h, w, 3] in [-1, 1].
 
   Unguided. params_last, if given, runs the chain's final step (Karlo's
@@ -107,7 +113,7 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *
 
   b = low_up.shape[0]
   x = samplers.sample(model_fn, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
-                      prediction_type="eps", variance_type=variance_type(cfg), **sampler_kwargs)
+                      prediction_type=prediction_type, variance_type=variance_type(cfg), **sampler_kwargs)
   return jnp.clip(x, -1.0, 1.0)
 
 
@@ -126,8 +132,10 @@ class UpsamplerStage:
         config.model.to_dict(), in_channels=3, low_res_channels=3, out_channels=3,
         dtype=config.get("compute_dtype", "float32"))).validate()
     self.schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    self.prediction_type = config.diffusion.get("prediction_type", "eps")
     self._loss = functools.partial(training_loss, cfg=self.unet_config, schedule=self.schedule,
-                                   crop_fraction=config.get("crop_fraction", 0.25))
+                                   crop_fraction=config.get("crop_fraction", 0.25),
+                                   prediction_type=self.prediction_type)
     n = config.get("num_sample_images", 8)
     self.eval = {k: v[:n] for k, v in self.encode_batch(eval_batch).items()}
 
@@ -153,7 +161,8 @@ class UpsamplerStage:
                              self.config.get("sample_steps", 25))
     low = jnp.asarray(self.eval["low_res"])
     out = np.asarray(sample(params, self.unet_config, schedule, rng, low, size=self.config.resolution,
-                            sampler=self.config.get("sampler", "ddim"), clip_range=1.0))
+                            sampler=self.config.get("sampler", "ddim"), clip_range=1.0,
+                            prediction_type=self.prediction_type))
     factor = self.config.resolution // self.config.low_res_resolution
     nearest = np.repeat(np.repeat(np.asarray(low), factor, axis=1), factor, axis=2)
     rows = np.stack([nearest, out, self.eval["image"]], axis=1).reshape((-1,) + out.shape[1:])
