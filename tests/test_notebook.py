@@ -37,7 +37,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv(name, value)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # From the notebook's own folder, as Jupyter opens it: the install cell finds the repository above.
-  NotebookClient(nb, timeout=1800, kernel_name="python3",
+  NotebookClient(nb, timeout=1800, startup_timeout=600, kernel_name="python3",  # a busy CI machine starts kernels slowly
                  resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
 
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
