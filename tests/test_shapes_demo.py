@@ -9,6 +9,7 @@ import numpy as np
 
 from configs import shapes
 from unclip_jax import checkpoints, pipeline
+from unclip_jax.eval import shapes as shapes_eval
 from unclip_jax.models import clip as clip_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,9 @@ def test_shipped_demo_loads_and_draws_a_prompt():
   assert pipe.stages == ("prior", "decoder", "sr1", "sr2")
   image = pipe.text_to_image(["a red circle above a blue square"], [0])
   assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
-  assert image.std() > 10  # not a flat canvas; the demo's quality is benchmarks/eval_shapes.py's job (issue #7)
+  # The Shapes analyser finds the caption's two colours (and no other); noise or a flat canvas fails.
+  # How good the demo is over many prompts is benchmarks/eval_shapes.py's job (docs/benchmarks.md).
+  assert shapes_eval.score_image(image[0], "a red circle above a blue square").color
 
 
 def test_train_script_runs_every_stage_and_assembles_a_checkpoint(tmp_path):
