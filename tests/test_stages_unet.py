@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unclip_jax import optim, training
-from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion import gaussian, samplers
 from unclip_jax.diffusion.schedules import make_schedule
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages import decoder, upsampler
@@ -146,8 +146,6 @@ def test_upsampler_overfits_tiny_batch_on_quarter_crops(sr_params):
 @pytest.mark.parametrize("prediction_type", ["eps", "v"])
 def test_upsampler_loss_regresses_the_configured_target(sr_params, prediction_type):
   """The loss is the MSE to eps, or to v = sqrt(abar) eps - sqrt(1 - abar) x0, at the drawn t."""
-  from unclip_jax.diffusion import gaussian
-
   cfg, schedule = _sr_cfg(), make_schedule("cosine", 1000)
   image, low_up = jnp.asarray(_images(2, 16, seed=1)), jnp.asarray(_images(2, 16, seed=2))
   rng = jax.random.PRNGKey(4)
