@@ -213,8 +213,8 @@ def main(argv):
       stem = f"textdiff_{pipeline_lib.slug(_stem(_IMAGE.value))}_{pipeline_lib.slug(target)}"
       names = [f"{stem}_frame{k:02d}_theta{theta:.3f}" for k, theta in enumerate(thetas)]
       columns = len(thetas)
-  except (imaging.ImageError, pipeline_lib.InputError) as e:
-    _fail(str(e))
+  except (imaging.ImageError, pipeline_lib.InputError, pipeline_lib.CheckpointError) as e:
+    _fail(str(e))  # e.g. text from a variations-only checkpoint (no prior)
   settings = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "preset": _PRESET.value or "checkpoint",
               "up_to": up_to, "mode": mode}
   if mode == "text":

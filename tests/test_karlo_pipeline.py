@@ -129,7 +129,7 @@ def test_text_to_image_matches_unclip_pipeline(karlo, fixed_unclip_noise, monkey
   assert err < 1e-3, err
 
 
-def test_missing_and_misshaped_tensors_are_named(karlo, tmp_path):
+def test_missing_and_misshaped_tensors_are_named(karlo, tmp_path, capsys):
   import shutil
 
   from safetensors.numpy import load_file, save_file
@@ -148,6 +148,10 @@ def test_missing_and_misshaped_tensors_are_named(karlo, tmp_path):
   with pytest.raises(ConversionError) as info:
     diffusers_pipeline.convert(src, str(tmp_path / "out"))
   assert "missing tensor 'conv_in.bias'" in str(info.value)
+  # The command line reports it in one line and exits 1, without a traceback.
+  assert convert_main(["--from", "diffusers", "--src", src, "--dst", str(tmp_path / "cli")]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "missing tensor 'conv_in.bias'" in err and "Traceback" not in err
   assert "conv_out/kernel: checkpoint shape (3, 3, 64, 2)" in str(info.value) or "conv_out" in str(info.value)
   assert not os.path.exists(tmp_path / "out" / "pipeline.json")
 
@@ -201,6 +205,49 @@ def test_variations_match_unclip_image_variation_pipeline(karlo_variations, fixe
   assert np.mean((expected > 0.01) & (expected < 0.99)) > 0.3
   err = np.abs(got - expected).max()
   assert err < 1e-3, err
+
+
+def _run_sample_py(argv):
+  from absl import flags
+
+  import sample
+
+  flags.FLAGS(["sample.py", *argv, "--compilation_cache", ""])
+  try:
+    sample.main(["sample.py"])
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def test_sample_py_on_the_converted_variations_checkpoint(karlo_variations, tmp_path, monkeypatch):
+  """sample.py --checkpoint CONVERTED: variations write the pipeline's images; text is a one-line error."""
+  from PIL import Image
+
+  from unclip_jax import imaging
+
+  ours, dst = karlo_variations["ours"], karlo_variations["dst"]
+  loaded = []
+
+  def load(path, **kwargs):  # the fixture's pipeline (already compiled), after checking what sample.py asks for
+    loaded.append(path)
+    return ours
+
+  monkeypatch.setattr(pipeline.Pipeline, "load", load)
+  image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  imaging.save_png(image, str(tmp_path / "cat.png"))
+  out = tmp_path / "out"
+  _run_sample_py(["--mode", "variations", "--image", str(tmp_path / "cat.png"), "--num_images", "2", "--seed", "5",
+                  "--checkpoint", dst, "--decoder_steps", str(STEPS["decoder"]), "--decoder_sampler", "ddpm",
+                  "--decoder_guidance", str(GUIDANCE["decoder"]), "--sr1_steps", str(STEPS["sr1"]), "--out", str(out)])
+  assert loaded == [dst]
+  options = {"decoder": {"num_steps": STEPS["decoder"], "sampler": "ddpm", "guidance_scale": GUIDANCE["decoder"]},
+             "sr1": {"num_steps": STEPS["sr1"]}}
+  expected = ours.variations(image, [5, 6], options)
+  for k, seed in enumerate((5, 6)):
+    got = np.asarray(Image.open(out / f"cat_variation_seed{seed}.png"))
+    np.testing.assert_array_equal(got, expected[k])
+  with pytest.raises(SystemExit, match="^error: This checkpoint has no prior"):
+    _run_sample_py(["--prompt", "a red circle", "--checkpoint", dst, "--out", str(out)])
 
 
 def test_karlo_training_configs_hold_karlos_architecture():
