@@ -17,7 +17,7 @@ import ml_collections
 from configs import common
 
 BATCH_SIZE = {"clip": 128, "prior": 64, "decoder": 32, "sr1": 16, "sr2": 16}
-TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 2000, "sr1": 600, "sr2": 500}
+TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 6000, "sr1": 600, "sr2": 500}
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
 SAMPLING_OPTIONS = {
     "prior": dict(num_steps=25, sampler="ddpm", guidance_scale=2.0, clip_range=5.0),
