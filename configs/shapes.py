@@ -42,6 +42,9 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
         embed_dim=16 if tiny else 64))
     c.resolution = c.model.image_size
     c.optim.update(learning_rate=1e-3 if tiny else 5e-4, weight_decay=0.1, warmup_steps=0 if tiny else 200)
+    # Relation-flipped / one-word-changed captions as extra negatives (data/shapes.py hard_negative).
+    # The shipped CLIP was trained without them and embeds "above" and "below" alike (docs/benchmarks.md).
+    c.hard_negatives = False
   elif stage == "prior":
     # Latent and token shapes come from the CLIP; these size the Transformer.
     c.model = ml_collections.ConfigDict(dict(width=32 if tiny else 256, num_layers=2 if tiny else 4,

@@ -117,3 +117,23 @@ def test_determinism_across_batch_size_and_shards():
   c, _ = shapes.generate(4, [5], 16)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c) or shapes.sample_scene(3, 5) == shapes.sample_scene(4, 5)
+
+
+def test_hard_negatives_are_grammatical_and_false_of_the_scene():
+  from unclip_jax.eval import shapes as shapes_eval
+
+  changed = set()
+  for i, scene in enumerate(SCENES[:120]):
+    negative = shapes.hard_negative(scene.caption, np.random.default_rng(i))
+    assert CAPTION.match(negative) and negative != scene.caption, negative
+    score = shapes_eval.score_image(shapes.render(scene, 64), negative)
+    if scene.relation:  # the same objects, the relation flipped: the pixels contradict it
+      assert negative.replace(shapes._FLIPPED[scene.relation], scene.relation, 1) == scene.caption
+      assert score.color and score.relation is False
+    else:  # one word of the two changed: colour or shape
+      diff = [k for k, (a, b) in enumerate(zip(scene.caption.split(), negative.split())) if a != b]
+      assert len(diff) == 1 and not (score.color and score.shape)
+      changed.add(diff[0])
+  assert changed == {1, 2}  # both kinds of change occur
+  with pytest.raises(ValueError, match="not a Shapes caption"):
+    shapes.hard_negative("a dog above a cat", np.random.default_rng(0))

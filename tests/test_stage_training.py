@@ -58,6 +58,44 @@ def test_clip_stage_learns_and_exports_a_loadable_clip(tmp_path):
   np.testing.assert_allclose(frozen.encode_text(captions).embedding, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_contrastive_loss_with_hard_negatives_is_the_closed_form():
+  rng = np.random.default_rng(0)
+  b = 4
+  logits = rng.normal(size=(b, 2 * b)) * 3  # 4 images x (4 captions, then 4 hard negatives)
+  log_softmax = lambda x: x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+  image_term = -np.mean(np.diagonal(log_softmax(logits)))  # each image against all 8 texts
+  text_term = -np.mean(np.diagonal(log_softmax(logits[:, :b].T)))  # each caption against the 4 images
+  got = clip_stage.contrastive_loss(jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(got, (image_term + text_term) / 2, rtol=1e-5)
+  # Without negatives it is CLIP's symmetric loss.
+  square = logits[:, :b]
+  expected = (-np.mean(np.diagonal(log_softmax(square))) - np.mean(np.diagonal(log_softmax(square.T)))) / 2
+  np.testing.assert_allclose(clip_stage.contrastive_loss(jnp.asarray(square, jnp.float32)), expected, rtol=1e-5)
+
+
+def test_clip_stage_hard_negatives(tmp_path):
+  config = shapes.get_config("clip,tiny")
+  config.hard_negatives = True
+  stage = clip_stage.ClipStage(config, str(tmp_path))
+  host = next(shapes_data.batches(0, 32, 8, start=40))
+  batch = stage.encode_batch(host)
+  decoded = [stage.tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["negative_input_ids"]]
+  for caption, index, negative in zip(host["caption"], host["index"], decoded):
+    assert negative == shapes_data.hard_negative(caption, np.random.default_rng([int(index), 7]))
+  np.testing.assert_array_equal(stage.encode_batch(host)["negative_input_ids"], batch["negative_input_ids"])
+  params = stage.init_params(jax.random.key(0))
+  logits = stage.logits(params, batch)
+  assert logits.shape == (8, 16)
+  loss, metrics = stage.loss(params, batch, jax.random.key(1))
+  np.testing.assert_allclose(loss, clip_stage.contrastive_loss(stage.logits(params, batch, False, jax.random.key(1))),
+                             rtol=1e-6)
+  expected = np.mean(np.diagonal(np.asarray(logits)[:, :8]) > np.diagonal(np.asarray(logits)[:, 8:]))
+  np.testing.assert_allclose(metrics["hard_negative_accuracy"], expected)
+  config.data.kind = "tfds"
+  with pytest.raises(ValueError, match="needs config.data.kind = 'shapes'"):
+    clip_stage.ClipStage(config, str(tmp_path / "tfds"))
+
+
 def _one_step(stage, batch, mesh):
   # Plain SGD, so that the update is linear in the gradient: Adam's first step is
   # ~lr * sign(g), which turns reduction-order noise in near-zero gradients into

@@ -84,6 +84,36 @@ def sample_scene(seed: int, index: int) -> Scene:
       return Scene((a, b), relation)
 
 
+_FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _is_object(words: list[str]) -> bool:
+  return len(words) == 3 and words[0] == "a" and words[1] in COLORS and words[2] in SHAPES
+
+
+def hard_negative(caption: str, rng: np.random.Generator) -> str:
+  """A caption of the grammar that is false of every scene `caption` describes, and close to it.
+
+  Two objects: the relation flipped ("a red circle above a blue square" ->
+  "... below ..."). One object: its colour or its shape changed. A CLIP trained
+  only against other random captions never needs the relation word and embeds
+  "above" and "below" alike; NegCLIP (Yuksekgonul et al. 2023) adds such
+  negatives for the same reason.
+  """
+  words = caption.split()
+  if _is_object(words):
+    if rng.random() < 0.5:
+      words[1] = str(rng.choice([c for c in COLORS if c != words[1]]))
+    else:
+      words[2] = str(rng.choice([s for s in SHAPES if s != words[2]]))
+    return " ".join(words)
+  for relation, flipped in _FLIPPED.items():
+    first, sep, second = caption.partition(f" {relation} ")
+    if sep and _is_object(first.split()) and _is_object(second.split()):
+      return f"{first} {flipped} {second}"
+  raise ValueError(f"{caption!r} is not a Shapes caption (a <color> <shape> [<relation> a <color> <shape>]).")
+
+
 def signed_distance(thing: Thing, x, y):
   """Signed distance (canvas units, negative inside) from points (x, y) to the shape."""
   dx, dy = x - thing.cx, y - thing.cy

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from unclip_jax.data import shapes as shapes_data
 from unclip_jax.models import clip as clip_lib
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -105,10 +106,15 @@ def write_clip_folder(folder: str, config, params, image_size: int):
 
 
 def contrastive_loss(logits_per_image):
-  """Symmetric cross-entropy over the batch's image-text pairs (CLIP, eq. in fig. 3)."""
-  labels = jnp.arange(logits_per_image.shape[0])
+  """Symmetric cross-entropy over the batch's image-text pairs (CLIP, eq. in fig. 3).
+
+  logits_per_image [B, B + N]: the B captions, then N extra negative captions
+  that compete for each image but are nobody's positive (hard negatives).
+  """
+  b = logits_per_image.shape[0]
+  labels = jnp.arange(b)
   image_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image, labels)
-  text_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image.T, labels)
+  text_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image[:, :b].T, labels)
   return (image_loss.mean() + text_loss.mean()) / 2
 
 
@@ -118,6 +124,9 @@ class ClipStage:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     from transformers.models.clip import modeling_flax_clip as fc
 
+    if config.get("hard_negatives", False) and config.data.kind != "shapes":
+      raise ValueError("config.hard_negatives rewrites Shapes captions; it needs config.data.kind = 'shapes', "
+                       f"not {config.data.kind!r}.")
     self.config = config
     self.tokenizer_dir = os.path.join(workdir, "tokenizer")
     self.tokenizer = write_word_tokenizer(config.model.vocabulary, self.tokenizer_dir,
@@ -134,24 +143,41 @@ class ClipStage:
                             jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))["params"]
 
   def logits(self, params, batch, deterministic=True, rng=None):
+    """[B, B] image-caption logits, or [B, 2B] with the batch's hard negatives after the captions."""
     pixels = clip_lib.preprocess_images(batch["image"], self.preprocess)
-    ids = batch["input_ids"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if "negative_input_ids" in batch:
+      ids = jnp.concatenate([ids, batch["negative_input_ids"]])
+      mask = jnp.concatenate([mask, batch["negative_attention_mask"]])
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    out = self.module.apply({"params": params}, ids, pixels, batch["attention_mask"], positions,
+    out = self.module.apply({"params": params}, ids, pixels, mask, positions,
                             deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
     return out.logits_per_image
 
   def loss(self, params, batch, rng):
     logits = self.logits(params, batch, deterministic=False, rng=rng)
     loss = contrastive_loss(logits)
-    accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
-    return loss, {"contrastive": loss, "retrieval_accuracy": accuracy}
+    b = logits.shape[0]
+    metrics = {"contrastive": loss,
+               "retrieval_accuracy": jnp.mean(jnp.argmax(logits[:, :b], axis=1) == jnp.arange(b))}
+    if logits.shape[1] > b:  # how often the image prefers its caption to its own hard negative
+      metrics["hard_negative_accuracy"] = jnp.mean(jnp.diagonal(logits[:, :b]) > jnp.diagonal(logits[:, b:]))
+    return loss, metrics
+
+  def _tokenize(self, captions):
+    enc = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                         max_length=self.config.model.get("max_length", 77), return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
   def encode_batch(self, host_batch):
-    enc = self.tokenizer(list(host_batch["caption"]), padding="max_length", truncation=True,
-                         max_length=self.config.model.get("max_length", 77), return_tensors="np")
-    return {"image": np.asarray(host_batch["image"]), "input_ids": enc["input_ids"].astype(np.int32),
-            "attention_mask": enc["attention_mask"].astype(np.int32)}
+    ids, mask = self._tokenize(host_batch["caption"])
+    out = {"image": np.asarray(host_batch["image"]), "input_ids": ids, "attention_mask": mask}
+    if self.config.get("hard_negatives", False):
+      # Example i's negative is drawn from its stream index: the same on resume and on any host count.
+      negatives = [shapes_data.hard_negative(str(c), np.random.default_rng([int(i), 7]))
+                   for c, i in zip(host_batch["caption"], host_batch["index"])]
+      out["negative_input_ids"], out["negative_attention_mask"] = self._tokenize(negatives)
+    return out
 
   def sample_images(self, params, rng):
     return None
