@@ -58,6 +58,36 @@ def test_clip_stage_learns_and_exports_a_loadable_clip(tmp_path):
   np.testing.assert_allclose(frozen.encode_text(captions).embedding, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_clip_stage_init_matches_pytorch_clip(tmp_path):
+  # Every tensor's spread equals what transformers' PyTorch CLIPModel draws for the same config
+  # (Flax's CLIP draws all kernels with std 0.01, which left the text tower unable to learn word order).
+  torch = pytest.importorskip("torch")
+  from transformers import CLIPModel
+
+  config = shapes.get_config("clip,tiny")
+  stage = clip_stage.ClipStage(config, str(tmp_path))
+  params = stage.init_params(jax.random.key(0))
+  torch_leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+  ours = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [getattr(k, "key", str(k)) for k in path]
+    ours[".".join(names[:-1] + [torch_leaf.get(names[-1], names[-1])] if len(names) > 1 else names)] = np.asarray(x)
+  torch.manual_seed(0)
+  reference = {k: v.numpy() for k, v in CLIPModel(stage.hf_config).state_dict().items()
+               if not k.endswith("position_ids")}
+  assert set(reference) == set(ours)
+  for name, value in reference.items():
+    assert ours[name].shape == value.T.shape or ours[name].size == value.size, name
+    np.testing.assert_allclose(ours[name].std(), value.std(), rtol=0.15, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(ours[name].mean(), value.mean(), atol=5 * value.std() / np.sqrt(value.size) + 1e-6,
+                               err_msg=name)  # zero-mean draws
+  assert ours["text_model.encoder.layers.0.self_attn.q_proj.weight"].std() > 0.05  # not Flax's 0.01
+  config.model.init = "flax"  # the old init stays reachable (the shipped demo CLIP was trained from it)
+  flax_params = clip_stage.ClipStage(config, str(tmp_path / "flax")).init_params(jax.random.key(0))
+  np.testing.assert_allclose(flax_params["text_model"]["encoder"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].std(),
+                             0.01, rtol=0.15)
+
+
 def test_contrastive_loss_with_hard_negatives_is_the_closed_form():
   rng = np.random.default_rng(0)
   b = 4

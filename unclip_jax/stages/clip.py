@@ -93,6 +93,45 @@ def clip_config(model: ml_collections.ConfigDict, vocab_size: int):
   return CLIPConfig.from_text_vision_configs(text, vision, projection_dim=model.embed_dim)
 
 
+def _reference_init_std(names: Sequence[str], config) -> float | None:
+  """PyTorch CLIPPreTrainedModel._init_weights' std for this Flax parameter (None: keep Flax's init).
+
+  transformers' Flax CLIP draws every kernel with std 0.01; at widths of 128 that
+  leaves attention uniform and the text tower a bag of words that Adam does not
+  talk out of it (it could not learn which of two colours comes first). PyTorch's
+  init scales with the width and depth, as OpenAI's CLIP does.
+  """
+  factor = config.initializer_factor
+  if len(names) < 2:  # logit_scale
+    return None
+  if names[0] in ("text_projection", "visual_projection"):
+    tower = config.text_config if names[0] == "text_projection" else config.vision_config
+    return tower.hidden_size ** -0.5 * factor if names[-1] == "kernel" else None
+  tower = config.text_config if names[0] == "text_model" else config.vision_config
+  width, depth = tower.hidden_size, tower.num_hidden_layers
+  module, leaf = names[-2], names[-1]
+  in_proj_std = width ** -0.5 * (2 * depth) ** -0.5 * factor
+  if leaf == "class_embedding":
+    return width ** -0.5 * factor
+  if module in ("token_embedding", "position_embedding", "patch_embedding") and leaf in ("embedding", "kernel"):
+    return (0.02 if names[0] == "text_model" else tower.initializer_range) * factor
+  if leaf != "kernel":
+    return None
+  return {"q_proj": in_proj_std, "k_proj": in_proj_std, "v_proj": in_proj_std, "out_proj": width ** -0.5 * factor,
+          "fc1": (2 * width) ** -0.5 * factor, "fc2": in_proj_std}.get(module)
+
+
+def reference_init(params, config, rng):
+  """Flax CLIP params re-drawn with the PyTorch CLIP init (`_reference_init_std`); biases, norms kept."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(rng, len(leaves))
+  out = []
+  for (path, x), key in zip(leaves, keys):
+    std = _reference_init_std([getattr(k, "key", str(k)) for k in path], config)
+    out.append(x if std is None else std * jax.random.normal(key, x.shape, x.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def write_clip_folder(folder: str, config, params, image_size: int):
   """A Hugging Face CLIP folder (Flax weights, preprocessing) around these params."""
   from transformers import CLIPImageProcessor, FlaxCLIPModel
@@ -139,8 +178,12 @@ class ClipStage:
   def init_params(self, rng):
     size = self.config.model.image_size
     ids = jnp.zeros((1, self.config.model.get("max_length", 77)), jnp.int32)
-    return self.module.init(rng, ids, jnp.zeros((1, size, size, 3)), jnp.ones_like(ids),
-                            jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))["params"]
+    init_rng, redraw_rng = jax.random.split(rng)
+    params = self.module.init(init_rng, ids, jnp.zeros((1, size, size, 3)), jnp.ones_like(ids),
+                              jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))["params"]
+    if self.config.model.get("init", "pytorch") == "pytorch":
+      params = reference_init(params, self.hf_config, redraw_rng)
+    return params
 
   def logits(self, params, batch, deterministic=True, rng=None):
     """[B, B] image-caption logits, or [B, 2B] with the batch's hard negatives after the captions."""
