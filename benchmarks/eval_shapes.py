@@ -12,6 +12,9 @@ are drawn with the checkpoint, one image each (seed --seed + i), and scored:
   data_seed + 1, rendered at the output resolution).
 - colour / shape / relation / count: the pixel analyser of unclip_jax/eval/shapes.py
   (relation over the two-object captions only).
+- CLIP relation: over the two-object captions, how often the image's embedding
+  is closer to its caption than to the caption with the relation flipped (the
+  scene's twin, unclip_jax/data/shapes.py); 0.5 is a CLIP blind to relations.
 
 The "real" row scores the real scenes of the captions themselves, with the same
 distractors: the CLIP's own R-precision, the FD of two independent real sets of
@@ -93,7 +96,8 @@ def _load_clip():
     _fail(f"CLIP: {str(e).splitlines()[0]}")
 
 
-def _scores(clip, images, captions, text_embeds, distractor_embeds, reference_embeds, batch_size):
+def _scores(clip, images, captions, text_embeds, distractor_embeds, reference_embeds, twin_embeds, two_object,
+            batch_size):
   """One table row: R-precision, FD and pixel accuracies for images [N, R, R, 3] uint8 and their captions."""
   import numpy as np
 
@@ -105,6 +109,8 @@ def _scores(clip, images, captions, text_embeds, distractor_embeds, reference_em
   row = {"num_images": len(images),
          "r_precision": metrics.r_precision(image_embeds, text_embeds, distractor_embeds),
          "frechet_distance": metrics.frechet_distance(normalise(image_embeds), normalise(reference_embeds))}
+  prefers_caption = metrics.r_precision(image_embeds, text_embeds, twin_embeds[:, None], per_image=True)
+  row["clip_relation"] = float(prefers_caption[two_object].mean()) if two_object.any() else None
   acc = evaluate.accuracies(evaluate.score_images(images, captions))
   row.update({k: acc[k] for k in ("color", "shape", "relation", "count", "num_two_object")})
   if row["num_two_object"] == 0:
@@ -134,7 +140,10 @@ def main(argv):
   from unclip_jax.eval import metrics
 
   n, batch = _NUM_PROMPTS.value, _BATCH_SIZE.value
-  captions = [shapes.sample_scene(_DATA_SEED.value, i).caption for i in range(n)]
+  scenes = [shapes.sample_scene(_DATA_SEED.value, i) for i in range(n)]
+  captions = [s.caption for s in scenes]
+  twin_captions = [shapes.twin(s, np.random.default_rng(i)).caption for i, s in enumerate(scenes)]
+  two_object = np.array([s.relation is not None for s in scenes])
   pool = [shapes.sample_scene(_DATA_SEED.value + 2, i).caption for i in range(DISTRACTOR_POOL)]
 
   generated, gen_seconds, pipe = None, None, None
@@ -172,11 +181,14 @@ def main(argv):
   distractors = pool_embeds[metrics.sample_distractors(captions, pool_texts, _NUM_DISTRACTORS.value,
                                                        seed=_DATA_SEED.value)]
   reference_embeds = _batched(lambda x: clip.encode_image(np.stack(x), value_range=(0, 255)), list(reference), batch)
+  twin_embeds = _batched(encode_text, twin_captions, batch)
+  score = lambda images: _scores(clip, images, captions, text_embeds, distractors, reference_embeds, twin_embeds,
+                                 two_object, batch)
 
   rows = {}
   if generated is not None:
-    rows["generated"] = _scores(clip, generated, captions, text_embeds, distractors, reference_embeds, batch)
-  rows["real"] = _scores(clip, real, captions, text_embeds, distractors, reference_embeds, batch)
+    rows["generated"] = score(generated)
+  rows["real"] = score(real)
 
   settings = {"checkpoint": None if _REAL_ONLY.value else os.path.abspath(_CHECKPOINT.value),
               "clip": os.path.abspath(clip.path), "num_prompts": n, "data_seed": _DATA_SEED.value,
@@ -192,12 +204,13 @@ def main(argv):
           f"{_UP_TO.value or 'last stage'}; generation {gen_seconds:.1f} s ({gen_seconds / n:.2f} s/image, "
           "compilation included)")
   print()
-  print("| images | R-precision | FD (CLIP z_i) | colour acc | shape acc | relation acc (two-object) | count acc |")
-  print("|" + "---|" * 7)
+  print("| images | R-precision | FD (CLIP z_i) | colour acc | shape acc | relation acc (two-object) | count acc "
+        "| CLIP relation (two-object) |")
+  print("|" + "---|" * 8)
+  fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
   for name, r in rows.items():
-    relation = "n/a" if r["relation"] is None else f"{r['relation']:.3f}"
     print(f"| {name} | {r['r_precision']:.3f} | {r['frechet_distance']:.4g} | {r['color']:.3f} | {r['shape']:.3f} "
-          f"| {relation} | {r['count']:.3f} |")
+          f"| {fmt(r['relation'])} | {r['count']:.3f} | {fmt(r['clip_relation'])} |")
 
   if _OUT.value and generated is not None:
     k = min(_GRID_SIZE.value, n)

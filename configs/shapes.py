@@ -16,7 +16,7 @@ import ml_collections
 
 from configs import common
 
-BATCH_SIZE = {"clip": 128, "prior": 64, "decoder": 32, "sr1": 16, "sr2": 16}
+BATCH_SIZE = {"clip": 64, "prior": 64, "decoder": 32, "sr1": 16, "sr2": 16}
 TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 6000, "sr1": 600, "sr2": 500}
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
 SAMPLING_OPTIONS = {
@@ -42,9 +42,10 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
         embed_dim=16 if tiny else 64))
     c.resolution = c.model.image_size
     c.optim.update(learning_rate=1e-3 if tiny else 5e-4, weight_decay=0.1, warmup_steps=0 if tiny else 200)
-    # Relation-flipped / one-word-changed captions as extra negatives (data/shapes.py hard_negative).
-    # The shipped CLIP was trained without them and embeds "above" and "below" alike (docs/benchmarks.md).
-    c.hard_negatives = False
+    # Each scene's twin (objects swapped, or one word changed; data/shapes.py twin) joins the batch, so a
+    # step sees 2 x batch_size pairs. Without twins the CLIP embeds "above" and "below" alike
+    # (docs/benchmarks.md); the two-way term makes each example beat its own twin.
+    c.twins, c.twin_loss_weight = True, 2.0
   elif stage == "prior":
     # Latent and token shapes come from the CLIP; these size the Transformer.
     c.model = ml_collections.ConfigDict(dict(width=32 if tiny else 256, num_layers=2 if tiny else 4,

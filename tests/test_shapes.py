@@ -119,21 +119,25 @@ def test_determinism_across_batch_size_and_shards():
   assert not np.array_equal(a, c) or shapes.sample_scene(3, 5) == shapes.sample_scene(4, 5)
 
 
-def test_hard_negatives_are_grammatical_and_false_of_the_scene():
+def test_twins_are_true_of_their_image_and_false_of_the_original():
   from unclip_jax.eval import shapes as shapes_eval
 
   changed = set()
   for i, scene in enumerate(SCENES[:120]):
-    negative = shapes.hard_negative(scene.caption, np.random.default_rng(i))
-    assert CAPTION.match(negative) and negative != scene.caption, negative
-    score = shapes_eval.score_image(shapes.render(scene, 64), negative)
-    if scene.relation:  # the same objects, the relation flipped: the pixels contradict it
-      assert negative.replace(shapes._FLIPPED[scene.relation], scene.relation, 1) == scene.caption
-      assert score.color and score.relation is False
+    twin = shapes.twin(scene, np.random.default_rng(i))
+    assert CAPTION.match(twin.caption) and twin.caption != scene.caption, twin.caption
+    assert all(shapes.twin(scene, np.random.default_rng(i)) == twin for _ in range(2))  # rng-determined
+    true = shapes_eval.score_image(shapes.render(twin, 64), twin.caption)  # drawn as it says
+    assert true.color and true.shape and true.relation is not False and true.count, twin
+    false = shapes_eval.score_image(shapes.render(scene, 64), twin.caption)
+    if scene.relation:  # the same objects trade places: only the relation word changes
+      a, b = scene.things
+      assert twin.things[0].color == a.color and (twin.things[0].cx, twin.things[0].cy) == (b.cx, b.cy)
+      assert twin.caption.replace(twin.relation, scene.relation, 1) == scene.caption
+      assert false.color and false.relation is False
+      assert shapes.twin(twin, np.random.default_rng(0)) == scene
     else:  # one word of the two changed: colour or shape
-      diff = [k for k, (a, b) in enumerate(zip(scene.caption.split(), negative.split())) if a != b]
-      assert len(diff) == 1 and not (score.color and score.shape)
+      diff = [k for k, (a, b) in enumerate(zip(scene.caption.split(), twin.caption.split())) if a != b]
+      assert len(diff) == 1 and not (false.color and false.shape)
       changed.add(diff[0])
   assert changed == {1, 2}  # both kinds of change occur
-  with pytest.raises(ValueError, match="not a Shapes caption"):
-    shapes.hard_negative("a dog above a cat", np.random.default_rng(0))

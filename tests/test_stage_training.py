@@ -88,39 +88,42 @@ def test_clip_stage_init_matches_pytorch_clip(tmp_path):
                              0.01, rtol=0.15)
 
 
-def test_contrastive_loss_with_hard_negatives_is_the_closed_form():
+def test_contrastive_and_twin_losses_are_the_closed_form():
   rng = np.random.default_rng(0)
-  b = 4
-  logits = rng.normal(size=(b, 2 * b)) * 3  # 4 images x (4 captions, then 4 hard negatives)
+  b = 3
+  logits = rng.normal(size=(2 * b, 2 * b)) * 3  # 3 examples, then their 3 twins
   log_softmax = lambda x: x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-  image_term = -np.mean(np.diagonal(log_softmax(logits)))  # each image against all 8 texts
-  text_term = -np.mean(np.diagonal(log_softmax(logits[:, :b].T)))  # each caption against the 4 images
-  got = clip_stage.contrastive_loss(jnp.asarray(logits, jnp.float32))
-  np.testing.assert_allclose(got, (image_term + text_term) / 2, rtol=1e-5)
-  # Without negatives it is CLIP's symmetric loss.
-  square = logits[:, :b]
-  expected = (-np.mean(np.diagonal(log_softmax(square))) - np.mean(np.diagonal(log_softmax(square.T)))) / 2
-  np.testing.assert_allclose(clip_stage.contrastive_loss(jnp.asarray(square, jnp.float32)), expected, rtol=1e-5)
+  expected = (-np.mean(np.diagonal(log_softmax(logits))) - np.mean(np.diagonal(log_softmax(logits.T)))) / 2
+  np.testing.assert_allclose(clip_stage.contrastive_loss(jnp.asarray(logits, jnp.float32)), expected, rtol=1e-5)
+  terms = []
+  for k in range(2 * b):
+    twin = (k + b) % (2 * b)
+    terms.append(-log_softmax(np.array([[logits[k, k], logits[k, twin]]]))[0, 0])  # image k: own vs twin's caption
+    terms.append(-log_softmax(np.array([[logits[k, k], logits[twin, k]]]))[0, 0])  # caption k: own vs twin's image
+  np.testing.assert_allclose(clip_stage.twin_loss(jnp.asarray(logits, jnp.float32)), np.mean(terms), rtol=1e-5)
 
 
-def test_clip_stage_hard_negatives(tmp_path):
+def test_clip_stage_twins(tmp_path):
   config = shapes.get_config("clip,tiny")
-  config.hard_negatives = True
+  config.twins, config.twin_loss_weight = True, 0.5
   stage = clip_stage.ClipStage(config, str(tmp_path))
   host = next(shapes_data.batches(0, 32, 8, start=40))
   batch = stage.encode_batch(host)
-  decoded = [stage.tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["negative_input_ids"]]
-  for caption, index, negative in zip(host["caption"], host["index"], decoded):
-    assert negative == shapes_data.hard_negative(caption, np.random.default_rng([int(index), 7]))
-  np.testing.assert_array_equal(stage.encode_batch(host)["negative_input_ids"], batch["negative_input_ids"])
+  decoded = [stage.tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["twin_input_ids"]]
+  for k, index in enumerate(host["index"]):
+    twin = shapes_data.twin(shapes_data.sample_scene(0, int(index)), np.random.default_rng([int(index), 7]))
+    assert decoded[k] == twin.caption
+    np.testing.assert_array_equal(batch["twin_image"][k], shapes_data.render(twin, 32))
+  np.testing.assert_array_equal(stage.encode_batch(host)["twin_image"], batch["twin_image"])
   params = stage.init_params(jax.random.key(0))
-  logits = stage.logits(params, batch)
-  assert logits.shape == (8, 16)
+  logits = np.asarray(stage.logits(params, batch))
+  assert logits.shape == (16, 16)
   loss, metrics = stage.loss(params, batch, jax.random.key(1))
-  np.testing.assert_allclose(loss, clip_stage.contrastive_loss(stage.logits(params, batch, False, jax.random.key(1))),
-                             rtol=1e-6)
-  expected = np.mean(np.diagonal(np.asarray(logits)[:, :8]) > np.diagonal(np.asarray(logits)[:, 8:]))
-  np.testing.assert_allclose(metrics["hard_negative_accuracy"], expected)
+  np.testing.assert_allclose(loss, clip_stage.contrastive_loss(logits) + 0.5 * clip_stage.twin_loss(logits), rtol=1e-5)
+  twins = (np.arange(16) + 8) % 16
+  np.testing.assert_allclose(metrics["twin_accuracy"], np.mean(np.diagonal(logits) > logits[np.arange(16), twins]))
+  with pytest.raises(ValueError, match="not Shapes scene"):
+    stage.encode_batch(dict(host, caption=list(host["caption"][::-1])))
   config.data.kind = "tfds"
   with pytest.raises(ValueError, match="needs config.data.kind = 'shapes'"):
     clip_stage.ClipStage(config, str(tmp_path / "tfds"))

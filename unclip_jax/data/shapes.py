@@ -87,31 +87,27 @@ def sample_scene(seed: int, index: int) -> Scene:
 _FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def _is_object(words: list[str]) -> bool:
-  return len(words) == 3 and words[0] == "a" and words[1] in COLORS and words[2] in SHAPES
+def twin(scene: Scene, rng: np.random.Generator) -> Scene:
+  """The scene's closest counterfactual: what it shows changed just enough to falsify its caption.
 
-
-def hard_negative(caption: str, rng: np.random.Generator) -> str:
-  """A caption of the grammar that is false of every scene `caption` describes, and close to it.
-
-  Two objects: the relation flipped ("a red circle above a blue square" ->
-  "... below ..."). One object: its colour or its shape changed. A CLIP trained
-  only against other random captions never needs the relation word and embeds
-  "above" and "below" alike; NegCLIP (Yuksekgonul et al. 2023) adds such
-  negatives for the same reason.
+  Two objects: they trade places, so the caption's relation flips ("a red circle
+  above a blue square" -> "... below ..."). One object: its colour or its shape
+  changes. Contrastive training that sees each scene next to its twin cannot
+  match captions by their bag of words; a CLIP trained only against random
+  captions embeds "above" and "below" alike (NegCLIP, Yuksekgonul et al. 2023,
+  makes the same point with caption-only negatives).
   """
-  words = caption.split()
-  if _is_object(words):
-    if rng.random() < 0.5:
-      words[1] = str(rng.choice([c for c in COLORS if c != words[1]]))
-    else:
-      words[2] = str(rng.choice([s for s in SHAPES if s != words[2]]))
-    return " ".join(words)
-  for relation, flipped in _FLIPPED.items():
-    first, sep, second = caption.partition(f" {relation} ")
-    if sep and _is_object(first.split()) and _is_object(second.split()):
-      return f"{first} {flipped} {second}"
-  raise ValueError(f"{caption!r} is not a Shapes caption (a <color> <shape> [<relation> a <color> <shape>]).")
+  if scene.relation is not None:
+    a, b = scene.things
+    return Scene((dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy)),
+                 _FLIPPED[scene.relation])
+  thing = scene.things[0]
+  if rng.random() < 0.5:
+    return Scene((dataclasses.replace(thing, color=str(rng.choice([c for c in COLORS if c != thing.color]))),), None)
+  changed = dataclasses.replace(thing, shape=str(rng.choice([s for s in SHAPES if s != thing.shape])))
+  # A square is taller than the triangle of its width: keep it on the canvas.
+  return Scene((dataclasses.replace(changed, cy=min(max(thing.cy, changed.height / 2), 1 - changed.height / 2)),),
+               None)
 
 
 def signed_distance(thing: Thing, x, y):

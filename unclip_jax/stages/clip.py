@@ -145,16 +145,32 @@ def write_clip_folder(folder: str, config, params, image_size: int):
 
 
 def contrastive_loss(logits_per_image):
-  """Symmetric cross-entropy over the batch's image-text pairs (CLIP, eq. in fig. 3).
-
-  logits_per_image [B, B + N]: the B captions, then N extra negative captions
-  that compete for each image but are nobody's positive (hard negatives).
-  """
-  b = logits_per_image.shape[0]
-  labels = jnp.arange(b)
+  """Symmetric cross-entropy over the batch's image-text pairs [B, B] (CLIP, eq. in fig. 3)."""
+  labels = jnp.arange(logits_per_image.shape[0])
   image_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image, labels)
-  text_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image[:, :b].T, labels)
+  text_loss = optax.softmax_cross_entropy_with_integer_labels(logits_per_image.T, labels)
   return (image_loss.mean() + text_loss.mean()) / 2
+
+
+def _twin_pairs(logits_per_image):
+  """[2B, 2] logits of each image for (its caption, its twin's caption), and of each caption for
+  (its image, its twin's image); the batch is B examples followed by their B twins."""
+  n = logits_per_image.shape[0]
+  k, partner = jnp.arange(n), (jnp.arange(n) + n // 2) % n
+  diag = logits_per_image[k, k]
+  return jnp.stack([diag, logits_per_image[k, partner]], 1), jnp.stack([diag, logits_per_image[partner, k]], 1)
+
+
+def twin_loss(logits_per_image):
+  """Two-way cross-entropy between each example and its twin, both directions.
+
+  Among a whole batch of columns a twin is one competitor of many; on its own
+  it is the only thing the example has to be told apart from.
+  """
+  image_pairs, text_pairs = _twin_pairs(logits_per_image)
+  zeros = jnp.zeros(logits_per_image.shape[0], jnp.int32)
+  return (optax.softmax_cross_entropy_with_integer_labels(image_pairs, zeros).mean()
+          + optax.softmax_cross_entropy_with_integer_labels(text_pairs, zeros).mean()) / 2
 
 
 class ClipStage:
@@ -163,8 +179,8 @@ class ClipStage:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     from transformers.models.clip import modeling_flax_clip as fc
 
-    if config.get("hard_negatives", False) and config.data.kind != "shapes":
-      raise ValueError("config.hard_negatives rewrites Shapes captions; it needs config.data.kind = 'shapes', "
+    if config.get("twins", False) and config.data.kind != "shapes":
+      raise ValueError("config.twins renders counterfactual Shapes scenes; it needs config.data.kind = 'shapes', "
                        f"not {config.data.kind!r}.")
     self.config = config
     self.tokenizer_dir = os.path.join(workdir, "tokenizer")
@@ -186,12 +202,13 @@ class ClipStage:
     return params
 
   def logits(self, params, batch, deterministic=True, rng=None):
-    """[B, B] image-caption logits, or [B, 2B] with the batch's hard negatives after the captions."""
-    pixels = clip_lib.preprocess_images(batch["image"], self.preprocess)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    if "negative_input_ids" in batch:
-      ids = jnp.concatenate([ids, batch["negative_input_ids"]])
-      mask = jnp.concatenate([mask, batch["negative_attention_mask"]])
+    """[B, B] image-caption logits; [2B, 2B] with the batch's twins after its examples."""
+    images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+    if "twin_image" in batch:
+      images = jnp.concatenate([images, batch["twin_image"]])
+      ids = jnp.concatenate([ids, batch["twin_input_ids"]])
+      mask = jnp.concatenate([mask, batch["twin_attention_mask"]])
+    pixels = clip_lib.preprocess_images(images, self.preprocess)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     out = self.module.apply({"params": params}, ids, pixels, mask, positions,
                             deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
@@ -199,12 +216,13 @@ class ClipStage:
 
   def loss(self, params, batch, rng):
     logits = self.logits(params, batch, deterministic=False, rng=rng)
-    loss = contrastive_loss(logits)
-    b = logits.shape[0]
-    metrics = {"contrastive": loss,
-               "retrieval_accuracy": jnp.mean(jnp.argmax(logits[:, :b], axis=1) == jnp.arange(b))}
-    if logits.shape[1] > b:  # how often the image prefers its caption to its own hard negative
-      metrics["hard_negative_accuracy"] = jnp.mean(jnp.diagonal(logits[:, :b]) > jnp.diagonal(logits[:, b:]))
+    loss = contrastive = contrastive_loss(logits)
+    n = logits.shape[0]
+    metrics = {"contrastive": contrastive, "retrieval_accuracy": jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(n))}
+    if "twin_image" in batch:
+      loss = loss + self.config.get("twin_loss_weight", 1.0) * twin_loss(logits)
+      image_pairs, _ = _twin_pairs(logits)
+      metrics["twin_accuracy"] = jnp.mean(image_pairs[:, 0] > image_pairs[:, 1])  # image prefers its own caption
     return loss, metrics
 
   def _tokenize(self, captions):
@@ -214,12 +232,19 @@ class ClipStage:
 
   def encode_batch(self, host_batch):
     ids, mask = self._tokenize(host_batch["caption"])
-    out = {"image": np.asarray(host_batch["image"]), "input_ids": ids, "attention_mask": mask}
-    if self.config.get("hard_negatives", False):
-      # Example i's negative is drawn from its stream index: the same on resume and on any host count.
-      negatives = [shapes_data.hard_negative(str(c), np.random.default_rng([int(i), 7]))
-                   for c, i in zip(host_batch["caption"], host_batch["index"])]
-      out["negative_input_ids"], out["negative_attention_mask"] = self._tokenize(negatives)
+    images = np.asarray(host_batch["image"])
+    out = {"image": images, "input_ids": ids, "attention_mask": mask}
+    if self.config.get("twins", False):
+      # Example i's twin is drawn from its stream index: the same on resume and on any host count.
+      twins = []
+      for caption, index in zip(host_batch["caption"], host_batch["index"]):
+        scene = shapes_data.sample_scene(self.config.data.seed, int(index))
+        if scene.caption != caption:
+          raise ValueError(f"Example {int(index)} is not Shapes scene {int(index)} of seed {self.config.data.seed}; "
+                           "config.twins needs the Shapes stream the config names.")
+        twins.append(shapes_data.twin(scene, np.random.default_rng([int(index), 7])))
+      out["twin_image"] = np.stack([shapes_data.render(t, images.shape[1]) for t in twins])
+      out["twin_input_ids"], out["twin_attention_mask"] = self._tokenize([t.caption for t in twins])
     return out
 
   def sample_images(self, params, rng):
