@@ -18,7 +18,11 @@ def shapes_clip_dir(tmp_path_factory):
   from unclip_jax.stages import clip as clip_stage
 
   workdir = tmp_path_factory.mktemp("shapes_clip")
-  stage = clip_stage.ClipStage(shapes.get_config("clip,tiny"), str(workdir))
+  config = shapes.get_config("clip,tiny")
+  # Untrained, Flax's small init (std 0.01) keeps its embeddings near zero; with PyTorch's init the
+  # random prior/decoder stacks built on it amplify batch-size rounding past test_pipeline's tolerances.
+  config.model.init = "flax"
+  stage = clip_stage.ClipStage(config, str(workdir))
   stage.export(stage.init_params(jax.random.key(0)), str(workdir / "export"))
   return str(workdir / "export")
 

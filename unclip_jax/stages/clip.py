@@ -194,11 +194,10 @@ class ClipStage:
   def init_params(self, rng):
     size = self.config.model.image_size
     ids = jnp.zeros((1, self.config.model.get("max_length", 77)), jnp.int32)
-    init_rng, redraw_rng = jax.random.split(rng)
-    params = self.module.init(init_rng, ids, jnp.zeros((1, size, size, 3)), jnp.ones_like(ids),
+    params = self.module.init(rng, ids, jnp.zeros((1, size, size, 3)), jnp.ones_like(ids),
                               jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))["params"]
     if self.config.model.get("init", "pytorch") == "pytorch":
-      params = reference_init(params, self.hf_config, redraw_rng)
+      params = reference_init(params, self.hf_config, jax.random.fold_in(rng, 1))
     return params
 
   def logits(self, params, batch, deterministic=True, rng=None):
