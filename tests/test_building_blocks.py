@@ -1,5 +1,7 @@
-"""Shared pieces: timestep embedding, the tensor reader's errors, AdamW and EMA."""
+"""Shared pieces: timestep embedding, GroupNorm, attention, the tensor reader's errors, AdamW and EMA."""
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +21,55 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift):
   # sin/cos of arguments up to ~1000 rad: float32 range reduction differs by a few ulp of 1000.
   np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=0, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 8, 64), 32), ((3, 5, 7, 12), 4), ((2, 9, 48), 16)])
+def test_group_norm_matches_torch_and_flax(shape, groups):
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=shape) * 3 + 2).astype(np.float32)
+  scale, bias = rng.normal(size=shape[-1]).astype(np.float32), rng.normal(size=shape[-1]).astype(np.float32)
+  params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+  ours = layers.GroupNorm(groups).apply(params, jnp.asarray(x))
+  tgn = torch.nn.GroupNorm(groups, shape[-1], eps=1e-5)
+  with torch.no_grad():
+    tgn.weight.copy_(torch.from_numpy(scale))
+    tgn.bias.copy_(torch.from_numpy(bias))
+    ref = tgn(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy()
+  np.testing.assert_allclose(np.asarray(ours), np.moveaxis(ref, 1, -1), rtol=0, atol=2e-5)
+  # Gradients too (training): against flax's grouped-reshape GroupNorm.
+  flax_gn = nn.GroupNorm(num_groups=groups, use_fast_variance=False)
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f.apply(p, x)))
+  g_ours = jax.grad(loss(layers.GroupNorm(groups)), argnums=(0, 1))(params, jnp.asarray(x))
+  g_flax = jax.grad(loss(flax_gn), argnums=(0, 1))(params, jnp.asarray(x))
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_flax)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  assert layers.GroupNorm(groups, dtype=jnp.bfloat16).apply(params, jnp.asarray(x)).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="not divisible"):
+    layers.GroupNorm(5).init(jax.random.PRNGKey(0), jnp.asarray(x))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "per_query"])
+def test_blocked_attention_equals_one_shot_softmax(mask_kind):
+  """The CPU default splits queries into blocks; any block size gives the same attention."""
+  b, t, s, n, d = 2, 96, 40, 3, 8
+  q, k, v = (jax.random.normal(key, (b, length, n, d))
+             for key, length in zip(jax.random.split(jax.random.PRNGKey(0), 3), (t, s, s)))
+  masks = {"none": None,
+           "keys": jnp.arange(s)[None, None, None, :] < jnp.array([s, 7])[:, None, None, None],  # [B, 1, 1, S]
+           "per_query": jax.random.bernoulli(jax.random.PRNGKey(1), 0.7, (b, n, t, s)).at[..., 0].set(True)}
+  mask = masks[mask_kind]
+  ref = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  for block in (32, 64, 96, 256):  # 64 -> gcd 32; 256 -> one block of 96
+    ours = layers.dot_product_attention(q, k, v, mask=mask, implementation="blocked", query_block=block)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=2e-6)
+  if mask_kind == "keys":  # masked keys get no weight: changing their values changes nothing
+    v2 = v.at[1, 7:].set(100.0)
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v2, mask=mask, implementation="blocked"),
+                               ref, rtol=0, atol=2e-6)
+  grads = [jax.grad(lambda q: jnp.sum(jnp.sin(f(q))))(q) for f in (
+      lambda q: layers.dot_product_attention(q, k, v, mask=mask, implementation="blocked", query_block=32),
+      lambda q: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))]
+  np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=0, atol=1e-5)
 
 def test_tensor_reader_names_every_problem():
   target = {"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)}, "norm": {"scale": jnp.zeros(4)}}

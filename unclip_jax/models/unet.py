@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.models.layers import TimestepMLP, timestep_embedding
+from unclip_jax.models.layers import GroupNorm, TimestepMLP, dot_product_attention, timestep_embedding
 
 # diffusers' Attention builds its GroupNorm with this eps whatever the resnets use.
 ATTENTION_NORM_EPS = 1e-5
@@ -67,7 +67,7 @@ class UNetConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise every resnet and attention block in the backward pass
-  attention_impl: Optional[str] = None  # jax.nn.dot_product_attention implementation ("xla", "cudnn", None)
+  attention_impl: Optional[str] = None  # "blocked", "xla", "cudnn"; None: blocked on CPU (layers.dot_product_attention)
 
   @property
   def levels(self) -> int:
@@ -121,9 +121,7 @@ class UNetConfig:
 
 
 def _group_norm(groups, eps, dtype, param_dtype, name):
-  # Two-pass variance: closer to torch's GroupNorm than E[x^2] - E[x]^2.
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
+  return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _conv(features, kernel, dtype, param_dtype, name):
@@ -206,7 +204,7 @@ class AddedKVAttention(nn.Module):
       mask = mask[:, None, None, :]  # [B, 1, 1, L + T]
     dtype = jnp.dtype(self.dtype) if self.dtype is not None else q.dtype
     q, k, v = (y.astype(dtype) for y in (q, k, v))
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, D]
+    o = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, D]
     o = dense(c, name="to_out_0")(o.reshape(b, hgt * wid, n * d))
     return x.astype(o.dtype) + o.reshape(b, hgt, wid, c)
 
