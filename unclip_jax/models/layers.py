@@ -96,19 +96,19 @@ def dot_product_attention(q, k, v, mask=None, implementation: Optional[str] = No
     mask = jnp.asarray(mask, bool)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   per_query_mask = mask is not None and mask.shape[2] != 1
-  if per_query_mask:  # split along T with the queries; a key-only mask [.., 1, S] is shared by every block
+  if per_query_mask:  # split along T with the queries; a key-only mask [.., 1, S] serves every block
     mask = jnp.broadcast_to(mask, (b, n, t, k.shape[1]))
-    mask_blocks = jnp.moveaxis(mask.reshape(b, n, t // block, block, -1), 2, 0)  # [T/block, B, N, block, S]
+    blocks = (q_blocks, jnp.moveaxis(mask.reshape(b, n, t // block, block, -1), 2, 0))  # mask [T/block, B, N, block, S]
   else:
-    mask_blocks = jnp.zeros((t // block,), bool)  # placeholder: lax.map needs a leading axis
+    blocks = q_blocks
 
-  def attend(args):
-    qb, mb = args
+  def attend(block_inputs):
+    qb, mb = block_inputs if per_query_mask else (block_inputs, mask)
     logits = jnp.einsum("bntd,bnsd->bnts", qb, kt, preferred_element_type=jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mb if per_query_mask else mask, logits, jnp.finfo(jnp.float32).min)
+    if mb is not None:
+      logits = jnp.where(mb, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(vt.dtype)
     return jnp.einsum("bnts,bnsd->bntd", weights, vt)  # [B, N, block, D]
 
-  out = jax.lax.map(attend, (q_blocks, mask_blocks))  # [T/block, B, N, block, D]
+  out = jax.lax.map(attend, blocks)  # [T/block, B, N, block, D]
   return jnp.moveaxis(out, 0, 2).reshape(b, n, t, d).swapaxes(1, 2)  # [B, T, N, D]
