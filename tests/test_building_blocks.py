@@ -22,7 +22,6 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift):
   np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=0, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("shape,groups", [((2, 8, 8, 64), 32), ((3, 5, 7, 12), 4), ((2, 9, 48), 16)])
 def test_group_norm_matches_torch_and_flax(shape, groups):
   rng = np.random.default_rng(0)
@@ -70,6 +69,7 @@ def test_blocked_attention_equals_one_shot_softmax(mask_kind):
       lambda q: layers.dot_product_attention(q, k, v, mask=mask, implementation="blocked", query_block=32),
       lambda q: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))]
   np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=0, atol=1e-5)
+
 
 def test_tensor_reader_names_every_problem():
   target = {"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)}, "norm": {"scale": jnp.zeros(4)}}

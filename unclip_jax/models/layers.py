@@ -91,14 +91,15 @@ def dot_product_attention(q, k, v, mask=None, implementation: Optional[str] = No
   block = math.gcd(t, query_block)  # a divisor of T: every block is full
   q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)
   qt, kt, vt = (jnp.swapaxes(y, 1, 2) for y in (q, k, v))  # [B, N, T|S, D]
-  q_blocks = jnp.moveaxis(qt.reshape(b, n, t // block, block, d), 2, 0)  # [T/block, B, N, block, D]
+  # [B, N, T, X] -> [T/block, B, N, block, X]
+  to_blocks = lambda y: jnp.moveaxis(y.reshape(b, n, t // block, block, -1), 2, 0)
+  q_blocks = to_blocks(qt)
   if mask is not None:
     mask = jnp.asarray(mask, bool)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   per_query_mask = mask is not None and mask.shape[2] != 1
   if per_query_mask:  # split along T with the queries; a key-only mask [.., 1, S] serves every block
-    mask = jnp.broadcast_to(mask, (b, n, t, k.shape[1]))
-    blocks = (q_blocks, jnp.moveaxis(mask.reshape(b, n, t // block, block, -1), 2, 0))  # mask [T/block, B, N, block, S]
+    blocks = (q_blocks, to_blocks(jnp.broadcast_to(mask, (b, n, t, k.shape[1]))))
   else:
     blocks = q_blocks
 
