@@ -16,7 +16,7 @@ import ml_collections
 
 from configs import common
 
-BATCH_SIZE = {"clip": 64, "prior": 64, "decoder": 32, "sr1": 16, "sr2": 16}
+BATCH_SIZE = {"clip": 64, "prior": 64, "decoder": 16, "sr1": 16, "sr2": 16}
 TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 12000, "sr1": 600, "sr2": 500}
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
 SAMPLING_OPTIONS = {
@@ -90,8 +90,8 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   else:
     raise ValueError(f"Unknown stage {stage!r} for configs/shapes.py.")
-  # Steps sized so that the five stages train in about 2 h 40 min on a 2-core CPU (docs/training.md);
-  # the decoder takes 100 min of that, and its steps are what the demo's quality hangs on.
+  # Steps sized so that the five stages train in about 2 h on a 2-core CPU (docs/training.md). The
+  # decoder's steps are what the demo's quality hangs on; a decoder batch of 32 is better (+45 min).
   c.batch_size = 8 if tiny else BATCH_SIZE[stage]
   c.total_steps = 2 if tiny else TOTAL_STEPS[stage]
   c.ema_decay = 0.999  # these runs are a few thousand steps; the paper's 0.9999 would barely move
