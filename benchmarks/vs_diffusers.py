@@ -24,8 +24,16 @@ float32 on CPU, where diffusers cannot run bfloat16 (torch has no CPU bfloat16 k
 for its antialiased bicubic upsampling). The last line is `ratio ours/diffusers: X`
 (steady seconds, ours over theirs).
 
+GFLOP/s divides the work of one call, counted in diffusers' pipeline (--flops), by each
+pipeline's steady seconds; the line under the table compares that work with the fastest
+square matmul either library runs here, which bounds how fast any pipeline can be.
+--cpu_devices N splits the host into N JAX CPU devices and batch-splits ours over them:
+XLA runs a convolution with few channels on one thread, so one device per core is
+faster on CPU.
+
   python benchmarks/vs_diffusers.py --size tiny --repeats 1
   python benchmarks/vs_diffusers.py --size bench --batch 2 --repeats 3 [--json out.json]
+  python benchmarks/vs_diffusers.py --size bench --repeats 3 --cpu_devices 2  # on a 2-core CPU
 """
 
 import dataclasses
@@ -52,6 +60,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per pipeline after th
                                 lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Default: bfloat16 on a GPU, else float32.")
 _JSON = flags.DEFINE_string("json", None, "Also write the settings and results as JSON here.")
+_FLOPS = flags.DEFINE_bool(
+    "flops", True, "Also count one diffusers call's floating-point operations (torch's FlopCounterMode; both "
+    "pipelines run the same networks on the same batches) and time a dense matmul, for GFLOP/s and the fastest "
+    "call this device's matmul peak allows.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 1, "On CPU, split the host into this many JAX devices (one per core is fastest) and run ours "
+    "data-parallel over them; XLA runs a convolution with few channels on one thread.", lower_bound=1)
 
 PROMPTS = ["a red circle above a blue square", "a blue circle", "a red square", "a blue square above a red circle"]
 
@@ -106,15 +121,18 @@ def build(size: str, tmp: str):
 
 
 def load_ours(dst: str, dtype: str):
-  """Pipeline.load; for bfloat16 the prior, decoder and upsampler compute in it with cast parameters
-  (as diffusers' pipe.to(dtype) does); done before the first call, which builds the compiled loops."""
+  """Pipeline.load, batch-split over all local devices when there are several; for bfloat16 the prior, decoder
+  and upsampler compute in it with cast parameters (as diffusers' pipe.to(dtype) does); done before the first
+  call, which builds the compiled loops."""
   import jax
   import jax.numpy as jnp
 
+  from unclip_jax import parallel
   from unclip_jax import pipeline
   from unclip_jax.models import prior as prior_lib
 
-  pipe = pipeline.Pipeline.load(dst)
+  mesh = parallel.make_mesh({"data": -1}, devices=jax.local_devices()) if jax.local_device_count() > 1 else None
+  pipe = pipeline.Pipeline.load(dst, mesh=mesh)
   if dtype != "float32":
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
     pipe.params = jax.tree.map(cast, pipe.params)
@@ -174,15 +192,52 @@ def run_diffusers(pipe, prompts, kwargs, repeats: int) -> dict:
   return out
 
 
+def count_flops(pipe, prompts, kwargs) -> float:
+  """Floating-point operations of one diffusers call (matmuls, convolutions, attention; the elementwise rest is
+  not counted and is small next to them)."""
+  import torch
+  from torch.utils.flop_counter import FlopCounterMode
+
+  with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    pipe(prompts, generator=torch.manual_seed(0), output_type="np", **kwargs)
+  return float(counter.get_total_flops())
+
+
+def matmul_peak(dtype: str, torch_device: str) -> float:
+  """FLOP/s of the faster of jax's and torch's square matmul in `dtype`: what dense work reaches here."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  n = 2048 if torch_device == "cpu" else 8192
+  a = jnp.ones((n, n), dtype)
+  jax_matmul = jax.jit(jnp.matmul)
+  b = torch.ones((n, n), dtype=getattr(torch, dtype), device=torch_device)
+  sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
+
+  def torch_matmul():
+    b @ b
+    sync()
+
+  best = 0.0
+  for fn in (lambda: jax_matmul(a, a).block_until_ready(), torch_matmul):
+    fn()
+    seconds = timed_calls(lambda i: fn(), 5)["steady_s"]
+    best = max(best, 2 * n**3 / seconds)
+  return best
+
+
 def fmt(x, spec: str) -> str:
   return "n/a" if x is None else format(x, spec)
 
 
-def table(rows: dict, batch: int, dtype: str) -> str:
-  lines = ["| pipeline | dtype | batch | steady s/call | images/s | first call s | compile s | peak RSS MiB "
-           "| device peak MiB |", "|" + "---|" * 9]
+def table(rows: dict, batch: int, dtype: str, flops: float | None) -> str:
+  lines = ["| pipeline | dtype | batch | steady s/call | images/s | GFLOP/s | first call s | compile s "
+           "| peak RSS MiB | device peak MiB |", "|" + "---|" * 10]
   for name, r in rows.items():
+    gflops = flops / r["steady_s"] / 1e9 if flops else None
     lines.append(f"| {name} | {dtype} | {batch} | {r['steady_s']:.3f} | {batch / r['steady_s']:.2f} | "
+                 f"{fmt(gflops, ',.1f')} | "
                  f"{r['first_s']:.2f} | {fmt(r.get('compile_s'), '.2f')} | {r['peak_rss_mib']:,.0f} | "
                  f"{fmt(r['device_peak_mib'], ',.0f')} |")
   return "\n".join(lines)
@@ -191,6 +246,9 @@ def table(rows: dict, batch: int, dtype: str) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # checkpoint loading logs at INFO; keep the table readable
+  if _CPU_DEVICES.value > 1:  # before jax starts; it only affects the CPU backend
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}")
   import jax
   import torch
 
@@ -212,11 +270,14 @@ def main(argv):
     rss_loaded = rss_mib()
     rows = {"ours (JAX)": run_ours(ours, prompts, options, _REPEATS.value),
             "diffusers (torch)": run_diffusers(ref, prompts, kwargs, _REPEATS.value)}
+    flops = count_flops(ref, prompts, kwargs) if _FLOPS.value else None
+  peak = matmul_peak(dtype, torch_device) if _FLOPS.value else None
   shapes = {r["image_shape"] for r in rows.values()}
   if len(shapes) != 1:
     raise SystemExit(f"error: the pipelines made images of different shapes {shapes}")
   ratio = rows["ours (JAX)"]["steady_s"] / rows["diffusers (torch)"]["steady_s"]
-  print(f"size {_SIZE.value}: ours on {jax.devices()[0].device_kind} ({jax.default_backend()}), diffusers on "
+  print(f"size {_SIZE.value}: ours on {jax.local_device_count()} x {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}), diffusers on "
         f"{torch_device} ({torch.get_num_threads()} torch threads); jax {jax.__version__}, torch "
         f"{torch.__version__}, diffusers {diffusers.__version__}")
   if on_gpu != (torch_device == "cuda"):
@@ -227,12 +288,19 @@ def main(argv):
         f"{_REPEATS.value} call(s); peak RSS per pipeline"
         f"{'' if all(r['rss_reset'] for r in rows.values()) else ' (NOT reset between them: cumulative)'}, "
         f"{fmt(rss_loaded, ',.0f')} MiB resident before them (both pipelines loaded)\n")
-  print(table(rows, _BATCH.value, dtype))
+  print(table(rows, _BATCH.value, dtype, flops))
+  if flops:
+    floor = flops / peak / rows["diffusers (torch)"]["steady_s"]
+    print(f"\nwork per call: {flops / 1e9:,.1f} GFLOP; {dtype} matmul peak here {peak / 1e9:,.1f} GFLOP/s "
+          f"(square matmul, the faster of jax and torch): a call at that rate takes {flops / peak:.2f} s, "
+          f"{floor:.2f} of diffusers'")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"size": _SIZE.value, "batch": _BATCH.value, "repeats": _REPEATS.value, "dtype": dtype,
-                 "jax_backend": jax.default_backend(), "torch_device": torch_device, "rss_loaded_mib": rss_loaded,
-                 "results": rows, "ratio": ratio}, f, indent=2)
+                 "jax_backend": jax.default_backend(),
+                 "jax_devices": jax.local_device_count(), "torch_device": torch_device, "rss_loaded_mib": rss_loaded,
+                 "results": rows, "ratio": ratio,
+                 "flops_per_call": flops, "matmul_peak_flops": peak}, f, indent=2)
   print(f"\nratio ours/diffusers: {ratio:.2f}")
 
 
