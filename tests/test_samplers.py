@@ -229,6 +229,33 @@ def test_guidance_equals_separate_calls():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_guidance_on_a_device_split_batch_needs_no_communication():
+  """Each sample's cond and uncond rows stay on its device: the compiled guided call has no
+  collectives (the old [cond; uncond] layout moved half of every model output between devices)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from unclip_jax import parallel
+
+  mesh = parallel.make_mesh({"data": -1})
+  split = NamedSharding(mesh, P(mesh.axis_names))
+  n = mesh.devices.size
+
+  def model_fn(x, t, cond):  # a per-sample "network" with a matmul, as the U-Net and prior are
+    return jnp.tanh(x @ jnp.ones((4, 4)) * cond["a"][:, None] + t[:, None])
+
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (2 * n, 4)), split)
+  t = jax.device_put(jnp.arange(2 * n, dtype=jnp.float32), split)
+  cond = {"a": jax.device_put(jnp.linspace(1.0, 2.0, 2 * n), split)}
+  uncond = {"a": jax.device_put(jnp.zeros(2 * n), split)}
+  guided = jax.jit(lambda x, t, c, u: samplers.classifier_free_guidance(model_fn, c, u, 3.0)(x, t),
+                   out_shardings=split)
+  hlo = guided.lower(x, t, cond, uncond).compile().as_text()
+  for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
+    assert collective not in hlo, collective
+  c, u = model_fn(x, t, cond), model_fn(x, t, uncond)
+  np.testing.assert_allclose(guided(x, t, cond, uncond), u + 3.0 * (c - u), rtol=1e-6, atol=1e-6)
+
+
 def test_static_clip_and_dynamic_threshold():
   x0 = jax.random.normal(jax.random.key(0), (4, 8, 8, 3)) * jnp.array([0.5, 2.0, 3.0, 0.9])[:, None, None, None]
   np.testing.assert_array_equal(samplers.clip_x0(x0, 1.0), np.clip(np.asarray(x0), -1, 1))

@@ -247,13 +247,20 @@ def classifier_free_guidance(model_fn: Callable, cond, uncond, scale, *, guided_
   scale is a scalar or [B] (one guidance scale per sample). guided_channels
   limits guidance to the first channels (the mean of a learned-variance model);
   the remaining channels come from the conditional branch, as in GLIDE.
+
+  The doubled batch interleaves them (row 2i is sample i's cond, 2i + 1 its
+  uncond), so when the batch is split over devices each sample's two halves
+  stay on its device and guidance needs no communication.
   """
-  both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
+  def pair(c, u):  # [B, ...] twice -> [2B, ...]
+    return jnp.stack([c, u], axis=1).reshape((-1,) + c.shape[1:])
+
+  both = jax.tree.map(pair, cond, uncond)
 
   def guided(x, t):
     batch = x.shape[0]
-    out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
-    out_cond, out_uncond = out[:batch], out[batch:]
+    out = model_fn(pair(x, x), pair(t, t), both)
+    out_cond, out_uncond = jnp.moveaxis(out.reshape((batch, 2) + out.shape[1:]), 1, 0)
     s = jnp.asarray(scale, out.dtype)
     s = jnp.broadcast_to(s, (batch,)).reshape((batch,) + (1,) * (out.ndim - 1))
     n = out.shape[-1] if guided_channels is None else guided_channels
