@@ -297,9 +297,8 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"size": _SIZE.value, "batch": _BATCH.value, "repeats": _REPEATS.value, "dtype": dtype,
-                 "jax_backend": jax.default_backend(),
-                 "jax_devices": jax.local_device_count(), "torch_device": torch_device, "rss_loaded_mib": rss_loaded,
-                 "results": rows, "ratio": ratio,
+                 "jax_backend": jax.default_backend(), "jax_devices": jax.local_device_count(),
+                 "torch_device": torch_device, "rss_loaded_mib": rss_loaded, "results": rows, "ratio": ratio,
                  "flops_per_call": flops, "matmul_peak_flops": peak}, f, indent=2)
   print(f"\nratio ours/diffusers: {ratio:.2f}")
 
