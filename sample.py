@@ -172,7 +172,7 @@ def main(argv):
   from unclip_jax import imaging, parallel
   from unclip_jax import pipeline as pipeline_lib
 
-  mesh = parallel.make_mesh({"data": -1}, devices=jax.local_devices()) if jax.local_device_count() > 1 else None
+  mesh = parallel.sampling_mesh()
   try:
     pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh, progress=True)
   except pipeline_lib.CheckpointError as e:

@@ -131,7 +131,7 @@ def load_ours(dst: str, dtype: str):
   from unclip_jax import pipeline
   from unclip_jax.models import prior as prior_lib
 
-  mesh = parallel.make_mesh({"data": -1}, devices=jax.local_devices()) if jax.local_device_count() > 1 else None
+  mesh = parallel.sampling_mesh()
   pipe = pipeline.Pipeline.load(dst, mesh=mesh)
   if dtype != "float32":
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x

@@ -84,7 +84,9 @@ def test_batch_equals_single_runs(pipe):
 
 
 def test_eight_devices_equal_one(stack_dir, pipe):
-  sharded = pipeline.Pipeline.load(stack_dir, mesh=parallel.make_mesh({"data": -1}))
+  mesh = parallel.sampling_mesh()  # what sample.py uses: all 8 local devices on "data"
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  sharded = pipeline.Pipeline.load(stack_dir, mesh=mesh)
   prompts = ["a red circle", "a blue square", "a green square"]  # 3: padded to 8 devices
   for up_to, atol in (("decoder", DECODER_ATOL), (None, CHAIN_ATOL)):
     one = pipe.text_to_image(prompts, [1, 2, 3], FAST, up_to=up_to, as_float=True)

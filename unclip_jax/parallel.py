@@ -46,6 +46,11 @@ def make_mesh(axes: Mapping[str, int] | Sequence[tuple[str, int]], devices=None)
   return Mesh(devices.reshape([sizes[n] for n in MESH_AXES]), MESH_AXES)
 
 
+def sampling_mesh() -> Mesh | None:
+  """A data mesh over this process's devices to batch-split sampling, or None with one device."""
+  return make_mesh({"data": -1}, devices=jax.local_devices()) if jax.local_device_count() > 1 else None
+
+
 def logical_axes(leaf) -> tuple:
   """Logical axis names for a parameter, from its shape."""
   ndim = len(leaf.shape)
