@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from unclip_jax import optim
+from unclip_jax import optim, parallel
 
 STAGES = ("clip", "prior", "decoder", "sr1", "sr2")
 
@@ -13,10 +13,13 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.seed = 0
-  # Mesh axis sizes; -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.logical_axis_rules = [["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"],
-                          ["heads", "tensor"]]
+  # Mesh axis sizes within a slice (-1 takes the remaining devices), and dcn_*: each axis's further
+  # split across slices (multislice) or processes; see parallel.make_mesh.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  # Logical axis -> mesh axes (parallel.DEFAULT_RULES); which parameter dimension has which logical
+  # name is declared in parallel.PARAM_RULES.
+  c.logical_axis_rules = [[name, list(axes) if isinstance(axes, tuple) else axes]
+                          for name, axes in parallel.DEFAULT_RULES]
   c.batch_size = 64
   c.total_steps = 1000
   c.grad_accum_steps = 1
