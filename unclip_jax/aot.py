@@ -1,0 +1,359 @@
+"""Compiles a stage's train step (or its sampling loop) ahead of time for a TPU topology,
+on a machine without TPUs, and reports memory, FLOPs, collectives and a roofline.
+
+  python -m unclip_jax.aot --config configs/paper.py:decoder --topology v5p:4x4x4 \\
+      [--config.mesh.fsdp=...] [--sample] [--fit_batch] [--json OUT]
+
+What compiles is what train.py runs: the stage's loss, train_loop.make_optimizer,
+training.make_train_step / jit_train_step, shardings from the config's mesh and
+logical_axis_rules; only the inputs are abstract (jax.ShapeDtypeStruct on a mesh
+of libtpu's compile-only devices), so nothing is allocated. The stage is built
+on a stand-in CLIP with the real CLIP's dimensions (`--clip`), which encodes to
+zeros: the train step never calls CLIP (train.py encodes on the host).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from unclip_jax import hlo_stats, parallel, tpu_chips, train_loop, training
+from unclip_jax.diffusion import schedules
+from unclip_jax.models import clip as clip_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, e.g. configs/paper.py:decoder.",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2, v6e:8x8.")
+_SAMPLE = flags.DEFINE_bool("sample", False, "Compile the stage's sampling loop (one batch) instead of the train step.")
+_FIT_BATCH = flags.DEFINE_bool("fit_batch", False, "Also find the largest global batch that fits: two compiles at "
+                               "per-chip batches --fit_points, memory = a + b * batch, then a check compile.")
+_FIT_POINTS = flags.DEFINE_list("fit_points", ["4", "8"], "The two per-chip batch sizes --fit_batch compiles at.")
+_CLIP = flags.DEFINE_string("clip", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS, or auto: from config.clip_dir's "
+                            "config.json if there is one, else ViT-L/14's (768,768,77).")
+_JSON = flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
+
+VIT_L_14 = (768, 768, 77)
+KEYS = ("params", "chips", "per_chip_bytes", "hbm_bytes_per_chip", "fits", "flops_per_step", "model_flops_per_step",
+        "collective_bytes_per_step", "roofline_step_s", "mfu_bound")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipShapes:
+  """A CLIP's dimensions without its weights; encodes anything to zeros of the right shapes.
+
+  The stages read a CLIP for its dims, the empty prompt's encoding (a constant
+  in the loss: its values do not change what compiles) and, on the host, the
+  batches' encodings, of which only the shapes matter here.
+  """
+  embed_dim: int = VIT_L_14[0]
+  text_width: int = VIT_L_14[1]
+  max_length: int = VIT_L_14[2]
+
+  def encode_text(self, prompts) -> clip_lib.TextEncoding:
+    n = 1 if isinstance(prompts, str) else len(prompts)
+    mask = np.zeros((n, self.max_length), bool)
+    mask[:, :2] = True  # start and end tokens
+    return clip_lib.TextEncoding(np.zeros((n, self.embed_dim), np.float32),
+                                 np.zeros((n, self.max_length, self.text_width), np.float32), mask)
+
+  def encode_image(self, images, value_range=(0.0, 1.0)):
+    del value_range
+    return np.zeros((len(images), self.embed_dim), np.float32)
+
+
+def clip_shapes(config, spec: str = "auto") -> ClipShapes:
+  """--clip: explicit dims, or the dims of config.clip_dir's CLIP, or ViT-L/14's."""
+  if spec != "auto":
+    try:
+      dims = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+      dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+      raise ValueError(f"--clip must be auto or EMBED,WIDTH,TOKENS (e.g. 768,768,77), got {spec!r}.")
+    return ClipShapes(*dims)
+  path = os.path.join(config.get("clip_dir") or "", "config.json")
+  if config.get("clip_dir") and os.path.isfile(path):
+    with open(path) as f:
+      cfg = json.load(f)
+    text = cfg.get("text_config", cfg)
+    return ClipShapes(int(cfg["projection_dim"]), int(text["hidden_size"]), int(text["max_position_embeddings"]))
+  return ClipShapes(*VIT_L_14)
+
+
+def host_batch(config, n: int) -> dict:
+  """What a data source yields (zeros): images at config.resolution, captions, stream indices."""
+  r = config.resolution
+  return {"image": np.zeros((n, r, r, 3), np.uint8), "caption": [""] * n, "index": np.arange(n)}
+
+
+def build_stage(config, clip: ClipShapes):
+  """The stage train.py would build (stages/build.py), on the stand-in CLIP and zero data."""
+  if config.stage == "prior":
+    from unclip_jax.stages import prior
+    return prior.PriorStage(config, clip, [prior.encode_for_prior(clip, host_batch(config, 2))])
+  if config.stage == "decoder":
+    from unclip_jax.stages import decoder
+    return decoder.DecoderStage(config, clip, host_batch(config, 1))
+  if config.stage in ("sr1", "sr2"):
+    from unclip_jax.stages import upsampler
+    return upsampler.UpsamplerStage(config, host_batch(config, 1))
+  raise ValueError(f"the AOT tool compiles the prior, decoder, sr1 and sr2 stages, not {config.stage!r}.")
+
+
+def config_rules(config) -> tuple:
+  """config.logical_axis_rules as parallel's rules (lists -> tuples), as train_loop.train reads them."""
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def abstract_batch(stage, config, batch_size: int, sharding) -> dict:
+  """The arrays the loss reads (stage.encode_batch's output) as ShapeDtypeStructs of the global batch."""
+  example = stage.encode_batch(host_batch(config, 1))
+  return {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v)[1:], np.asarray(v).dtype, sharding=sharding)
+          for k, v in example.items()}
+
+
+@dataclasses.dataclass
+class Program:
+  """A compiled program and what the report needs besides it."""
+  compiled: object
+  params: int
+  model_flops: float  # per step, all chips together
+  lower_s: float
+  compile_s: float
+
+
+def compile_train_step(config, stage, mesh, rules, batch_size: int) -> Program:
+  """The train step train_loop.train jits, lowered on abstract state and batch, compiled for the mesh."""
+  tx, lr = train_loop.make_optimizer(config)
+  rng = jax.random.key(config.seed)
+  start = time.perf_counter()
+  state = jax.eval_shape(functools.partial(training.init_state, stage.init_params, tx), rng)
+  shardings = training.state_shardings(state, mesh, rules)
+  state = _abstract(state, shardings)
+  batch = abstract_batch(stage, config, batch_size, parallel.batch_sharding(mesh, rules))
+  step = training.make_train_step(stage.loss, tx, ema_decay=config.ema_decay, learning_rate=lr,
+                                  grad_accum_steps=config.get("grad_accum_steps", 1))
+  lowered = training.jit_train_step(step, shardings, mesh, rules).lower(state, batch)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  # Model FLOPs: the loss's forward matmuls and convolutions (its jaxpr, scans times their length) x 3 for
+  # the backward pass (two matmuls per forward one); rematerialisation and the optimizer are not counted.
+  forward = hlo_stats.forward_matmul_flops(stage.loss, state.params, batch, jax.random.key(0))
+  return Program(compiled, _count(state.params), 3 * forward, lower_s, compile_s)
+
+
+def _count(params) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def sampler_fn(config, stage):
+  """(fn(params, inputs, rng), input keys, rows per example): the stage's sampling loop as sample.py
+  runs it (pipeline.py), with the config's sampling settings."""
+  from unclip_jax.stages import decoder, prior, upsampler
+
+  steps = config.get("sample_steps", 25)
+  if config.stage == "prior":
+    n = config.get("num_candidates", 2)
+    fn = functools.partial(
+        prior.sample_prior, stage.model, num_steps=config.get("sample_steps", 64), sampler=config.get("sampler", "ddpm"),
+        guidance_scale=config.get("guidance_scale", 4.0), clip_range=config.get("clip_range", 5.0), num_candidates=n,
+        noise_schedule=config.diffusion.schedule, num_train_timesteps=config.diffusion.num_timesteps)
+    return (lambda p, cond, rng: fn({"params": p, "stats": stage.stats}, cond, stage.uncond, rng)), prior.COND_KEYS, n
+  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps, steps)
+  if config.stage == "decoder":
+    fn = functools.partial(decoder.sample, cfg=stage.unet_config, schedule=schedule, uncond=stage.uncond,
+                           guidance_scale=config.get("guidance_scale", 3.0), size=config.decoder_resolution,
+                           sampler=config.get("sampler", "ddpm"), clip_range=1.0)
+    return (lambda p, cond, rng: fn(p, rng=rng, cond=cond)), ("image_embed",) + decoder.TEXT_KEYS, 1
+  fn = functools.partial(upsampler.sample, cfg=stage.unet_config, schedule=schedule, size=config.resolution,
+                         sampler=config.get("sampler", "ddim"), clip_range=1.0, prediction_type=stage.prediction_type)
+  return (lambda p, cond, rng: fn(p, rng=rng, low_res=cond["low_res"])), ("low_res",), 1
+
+
+def compile_sampler(config, stage, mesh, rules, batch_size: int) -> Program:
+  """One batch through the stage's whole sampling loop (a lax.scan over its steps); params are
+  sharded as in training, the batch and its per-example keys split over the batch axes."""
+  start = time.perf_counter()
+  params = jax.eval_shape(stage.init_params, jax.random.key(0))
+  params = _abstract(params, parallel.param_shardings(params, mesh, rules))
+  split = parallel.batch_sharding(mesh, rules)
+  fn, keys, rows = sampler_fn(config, stage)
+  batch = abstract_batch(stage, config, batch_size, split)
+  inputs = {k: batch[k] for k in keys}
+  key_dtype = jax.random.key(0).dtype
+  rng = jax.ShapeDtypeStruct((batch_size * rows,), key_dtype, sharding=split)
+  lowered = jax.jit(fn, out_shardings=split).lower(params, inputs, rng)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  # Model FLOPs: the loop's matmuls and convolutions (every step, both halves of guidance).
+  flops = hlo_stats.forward_matmul_flops(fn, params, inputs, rng)
+  return Program(compiled, _count(params), flops, lower_s, compile_s)
+
+
+def report(program: Program, topology: tpu_chips.Topology) -> dict:
+  """The JSON report (KEYS); every byte and FLOP figure is per chip, per step, except
+  model_flops_per_step (the whole step's, all chips together)."""
+  chip = topology.chip
+  mem = program.compiled.memory_analysis()
+  cost = program.compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  loops = hlo_stats.analyse(program.compiled.as_text())
+  # Live bytes a chip holds during the step: its arguments, outputs and temporaries, less the outputs
+  # that reuse donated argument buffers (the new state in the old one's place). Code size is left out.
+  per_chip = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+              "temps": int(mem.temp_size_in_bytes)}
+  per_chip["total"] = per_chip["arguments"] + per_chip["outputs"] + per_chip["temps"] - int(mem.alias_size_in_bytes)
+  # XLA's counts are for the SPMD-partitioned module, i.e. one chip's share; its cost analysis counts
+  # a loop body once, so the bodies' share is scaled by their trip counts (hlo_stats.analyse).
+  flops = float(cost.get("flops", 0.0)) + loops["extra_flops"]
+  bytes_accessed = float(cost.get("bytes accessed", 0.0)) + loops["extra_bytes"]
+  roofline = max(flops / chip.peak_flops, bytes_accessed / chip.hbm_bandwidth)
+  mfu_bound = program.model_flops / topology.chips / (roofline * chip.peak_flops) if roofline > 0 else 0.0
+  return {"params": program.params, "chips": topology.chips, "per_chip_bytes": per_chip,
+          "hbm_bytes_per_chip": chip.hbm_bytes, "fits": per_chip["total"] <= chip.hbm_bytes,
+          "flops_per_step": flops, "model_flops_per_step": program.model_flops,
+          "collective_bytes_per_step": loops["collective_bytes"], "roofline_step_s": roofline,
+          "mfu_bound": mfu_bound}
+
+
+class DoesNotFit(RuntimeError):
+  """XLA refused to compile: the program needs more HBM than the chip has."""
+
+
+def compile_for(config, topology: tpu_chips.Topology, *, sample: bool = False, batch_size: int | None = None,
+                devices=None, clip: ClipShapes | None = None) -> tuple[dict, Program]:
+  """Builds the stage and compiles its train step (or sampler) for the topology: (report, program)."""
+  devices = tpu_chips.compile_only_devices(topology) if devices is None else devices
+  mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
+  rules = config_rules(config)
+  batch_size = config.batch_size if batch_size is None else batch_size
+  unit = parallel.batch_size_divisor(mesh, rules) * (1 if sample else config.get("grad_accum_steps", 1))
+  if batch_size % unit:
+    raise ValueError(f"batch size {batch_size} must divide by the batch-sharding devices times grad_accum_steps "
+                     f"({unit}) on mesh {dict(mesh.shape)}.")
+  stage = build_stage(config, clip or clip_shapes(config))
+  try:
+    program = (compile_sampler if sample else compile_train_step)(config, stage, mesh, rules, batch_size)
+  except Exception as e:  # XLA reports an over-full HBM as RESOURCE_EXHAUSTED at compile time
+    if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+      raise DoesNotFit(str(e).strip().splitlines()[0][:300]) from e
+    raise
+  return report(program, topology), program
+
+
+def fit_batch(config, topology, points, *, sample=False, clip=None) -> dict:
+  """The largest global batch that fits, from two compiles: per-chip memory is affine in the per-chip
+  batch (params and optimizer state fixed, activations proportional), then one compile to check."""
+  devices = tpu_chips.compile_only_devices(topology)
+  mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
+  divisor = parallel.batch_size_divisor(mesh, config_rules(config))
+  unit = 1 if sample else config.get("grad_accum_steps", 1)
+  per_chip = [int(p) for p in points]
+  if len(per_chip) != 2 or per_chip[0] >= per_chip[1] or any(p % unit for p in per_chip):
+    raise ValueError(f"--fit_points takes two increasing per-chip batch sizes, multiples of {unit}, got {points}.")
+  totals = []
+  for b in per_chip:
+    result, _ = compile_for(config, topology, sample=sample, batch_size=b * divisor, devices=devices, clip=clip)
+    totals.append(result["per_chip_bytes"]["total"])
+  slope = (totals[1] - totals[0]) / (per_chip[1] - per_chip[0])
+  intercept = totals[0] - slope * per_chip[0]
+  best = int((topology.chip.hbm_bytes - intercept) // slope) if slope > 0 else 0
+  best -= best % unit
+  out = {"per_chip_batches": per_chip, "per_chip_totals": totals, "bytes_fixed": intercept,
+         "bytes_per_example": slope, "per_chip_batch": best, "batch_size": best * divisor, "verified": False}
+  if best >= unit:
+    try:
+      result, _ = compile_for(config, topology, sample=sample, batch_size=best * divisor, devices=devices, clip=clip)
+      out.update(verified=result["fits"], verified_total=result["per_chip_bytes"]["total"])
+    except DoesNotFit:
+      pass
+  return out
+
+
+def format_table(result: dict, topology, config, sample: bool, program: Program | None = None) -> str:
+  gib = lambda b: f"{b / 2**30:.3f} GiB"
+  pc = result["per_chip_bytes"]
+  rows = [("program", f"{config.stage} {'sampling loop' if sample else 'train step'}, batch {config.batch_size}"),
+          ("topology", f"{topology} ({result['chips']} chips, {dict(config.mesh)})"),
+          ("params", f"{result['params']:,}"),
+          ("per chip: arguments", gib(pc["arguments"])), ("per chip: outputs", gib(pc["outputs"])),
+          ("per chip: temps", gib(pc["temps"])), ("per chip: total", gib(pc["total"])),
+          ("HBM per chip", gib(result["hbm_bytes_per_chip"])), ("fits", str(result["fits"])),
+          ("FLOPs per chip (XLA)", f"{result['flops_per_step']:.4g}"),
+          ("model FLOPs (all chips)", f"{result['model_flops_per_step']:.4g}")]
+  rows += [(f"{kind} per chip", gib(b)) for kind, b in result["collective_bytes_per_step"].items() if b]
+  rows += [("roofline step", f"{result['roofline_step_s'] * 1e3:.3f} ms"), ("MFU bound", f"{result['mfu_bound']:.1%}")]
+  if program is not None:
+    rows.append(("lower / compile", f"{program.lower_s:.1f} s / {program.compile_s:.1f} s"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def write_json(result: dict, path: str):
+  """The report (KEYS, and fit_batch with --fit_batch) as indented JSON."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+
+
+def parse_flags(argv):
+  """Flag errors (an unknown config key, a bad override) as one line, as train.py does."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip("'\"")
+    if isinstance(e, (AttributeError, KeyError)):
+      message = f"the config has no key {message!r} (check --config.* overrides)"
+    sys.exit(f"error: {message}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
+  if _CONFIG.value is None or not _TOPOLOGY.value:
+    sys.exit("error: --config and --topology are required, e.g. "
+             "python -m unclip_jax.aot --config configs/paper.py:decoder --topology v5p:4x4x4")
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")  # the TPUs are a compile target only
+  config: ml_collections.ConfigDict = _CONFIG.value
+  try:
+    topology = tpu_chips.parse_topology(_TOPOLOGY.value)
+    if not tpu_chips.libtpu_installed():
+      raise RuntimeError("libtpu is not installed; pip install -r requirements-dev.txt (it pins libtpu).")
+    clip = clip_shapes(config, _CLIP.value)
+    train_loop.make_optimizer(config)
+    result, program = compile_for(config, topology, sample=_SAMPLE.value, clip=clip)
+    print(format_table(result, topology, config, _SAMPLE.value, program))
+    fit = None
+    if _FIT_BATCH.value:
+      fit = fit_batch(config, topology, _FIT_POINTS.value, sample=_SAMPLE.value, clip=clip)
+      print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.2f} MiB "
+            f"x per-chip batch; largest batch {fit['batch_size']} ({fit['per_chip_batch']} per chip), "
+            f"{'verified' if fit['verified'] else 'NOT verified'} by compiling it")
+  except DoesNotFit as e:
+    sys.exit(f"error: does not fit {_TOPOLOGY.value}'s HBM at batch {config.batch_size} (try --fit_batch or a "
+             f"smaller --config.batch_size): {e}")
+  except (ValueError, RuntimeError, FileNotFoundError) as e:
+    sys.exit(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+  if _JSON.value:
+    write_json(dict(result, fit_batch=fit) if fit is not None else result, _JSON.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

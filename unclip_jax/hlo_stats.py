@@ -1,0 +1,223 @@
+"""Counting what a compiled step does: collectives, loop-aware FLOPs and bytes from the
+compiled HLO text, and the model's matmul FLOPs from its jaxpr.
+
+XLA's cost analysis counts a while loop's body once, whatever its trip count,
+so a model whose layers run under nn.scan (or a sampler's loop over steps)
+looks a layer's (a step's) worth cheap. The walker here finds each loop's
+trip count and scales what happens inside by it.
+"""
+
+import collections
+import math
+import re
+
+import jax
+import jax.extend.core as jex
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]")
+# "%name = SHAPE opcode(operands), attributes"; SHAPE may be a tuple, and TPU layouts hold parentheses
+# (":T(8,128)(2,1)") but never a space before them, so the opcode is the first " word(".
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+) \((.*)\) -> .* \{\s*$")
+_PARAM = re.compile(r"([\w.\-]+): ((?:\([^)]*\))|[^,]+)")
+
+
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, dims) of every array in an HLO shape string (a tuple's elements in order)."""
+  return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(shape)]
+
+
+def shape_bytes(shape: str) -> float:
+  return sum(_DTYPE_BYTES.get(d, 1) * math.prod(dims) for d, dims in arrays(shape))
+
+
+class _Instr:
+  __slots__ = ("name", "opcode", "rest", "shape")
+
+  def __init__(self, name, shape, opcode, rest):
+    self.name, self.shape, self.opcode, self.rest = name, shape, opcode, rest
+
+  def operands(self) -> list[str]:
+    head = self.rest.split("), ")[0] if "), " in self.rest else self.rest.rstrip(")")
+    return re.findall(r"%([\w.\-]+)", head)
+
+  def attr(self, key: str) -> str | None:
+    m = re.search(rf"\b{key}=(%?[\w.\-]+|\{{[^}}]*\}})", self.rest)
+    return m.group(1).lstrip("%") if m else None
+
+
+def parse_module(text: str) -> tuple[dict, str]:
+  """{computation: (instructions, {value name: shape})} and the entry computation's name."""
+  comps, entry, current = {}, None, None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(2)
+      if header.group(1):
+        entry = current
+      comps[current] = ([], {n: s for n, s in _PARAM.findall(header.group(3))})
+      continue
+    if current is None:
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    m = _INSTR.match(line)
+    if m:
+      instr = _Instr(*m.groups())
+      comps[current][0].append(instr)
+      comps[current][1][instr.name] = instr.shape
+  return comps, entry
+
+
+def _trip_count(comps: dict, condition: str) -> int | None:
+  """A counted loop's condition compares the counter with its length: the largest integer
+  scalar constant in the condition (or what it calls). None if there is none."""
+  seen, todo, best = set(), [condition], None
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for instr in comps[name][0]:
+      if instr.opcode == "constant" and re.match(r"[su]\d+\[\]", instr.shape):
+        value = re.match(r"\s*(-?\d+)\)", instr.rest)
+        if value:
+          best = max(best or 0, int(value.group(1)))
+      todo += [c for c in (instr.attr("calls"), instr.attr("to_apply")) if c]
+  return best
+
+
+def multipliers(comps: dict, entry: str) -> tuple[dict, set, list]:
+  """How many times each computation runs per call of the entry; the computations that are
+  fusion bodies (their instructions are not memory traffic); loops whose trip count is unknown."""
+  mult, fused, unknown = {entry: 1}, set(), []
+  todo = [entry]
+  while todo:
+    name = todo.pop()
+    for instr in comps.get(name, ([], {}))[0]:
+      children = []
+      if instr.opcode == "while":
+        trips = _trip_count(comps, instr.attr("condition"))
+        if trips is None:
+          unknown.append(instr.name)
+        children = [(instr.attr("body"), trips or 1), (instr.attr("condition"), (trips or 1) + 1)]
+      else:
+        for key in ("calls", "to_apply", "true_computation", "false_computation"):
+          if instr.attr(key):
+            children.append((instr.attr(key), 1))
+            if instr.opcode == "fusion" and key == "calls":
+              fused.add(instr.attr(key))
+        branches = instr.attr("branch_computations")
+        if branches:
+          children += [(b.strip().lstrip("%"), 1) for b in branches.strip("{}").split(",")]
+      for child, times in children:
+        if child in comps and child not in mult:
+          mult[child] = mult[name] * times
+          todo.append(child)
+  return mult, fused, unknown
+
+
+def _dot_flops(instr: _Instr, symbols: dict) -> float:
+  """2 x multiply-adds of a dot or convolution (TPU HLO writes matmuls as convolutions)."""
+  out = arrays(instr.shape)
+  if not out:
+    return 0.0
+  out_elems = math.prod(out[0][1])
+  ops = [arrays(symbols.get(o, "")) for o in instr.operands()]
+  if len(ops) < 2 or not ops[0] or not ops[1]:
+    return 0.0
+  lhs, rhs = ops[0][0][1], ops[1][0][1]
+  if instr.opcode == "dot":
+    contracting = instr.attr("lhs_contracting_dims") or "{}"
+    dims = [int(d) for d in contracting.strip("{}").split(",") if d]
+    return 2.0 * out_elems * math.prod(lhs[d] for d in dims)
+  labels = instr.attr("dim_labels")  # e.g. b01f_01io->b01f
+  if not labels or "_" not in labels:
+    return 0.0
+  rhs_labels = labels.split("_")[1].split("->")[0]
+  per_output = math.prod(n for n, c in zip(rhs, rhs_labels) if c != "o")  # input features x window
+  return 2.0 * out_elems * per_output
+
+
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier"}
+
+
+def analyse(text: str) -> dict:
+  """Loop-aware counts for one compiled (per-device) HLO module.
+
+  collective_bytes: result bytes of each kind of collective, per device, times
+    the trips of the loops around it;
+  extra_flops, extra_bytes: what XLA's cost analysis leaves out by counting
+    each loop body once: (trips - 1) x the body's dot/convolution FLOPs, and
+    (trips - 1) x the operand and result bytes of its unfused instructions;
+  unknown_loops: loops whose trip count was not found (counted once).
+  """
+  comps, entry = parse_module(text)
+  mult, fused, unknown = multipliers(comps, entry)
+  collective = collections.Counter({kind: 0.0 for kind in COLLECTIVES})
+  extra_flops = extra_bytes = 0.0
+  for name, times in mult.items():
+    instrs, symbols = comps[name]
+    for instr in instrs:
+      kind = instr.opcode.removesuffix("-start")
+      if kind in COLLECTIVES and not instr.opcode.endswith("-done"):
+        shapes = arrays(instr.shape)
+        if instr.opcode.endswith("-start") and kind in ("all-gather", "collective-permute"):
+          # (operands, results[, contexts]): the results are the second half of the arrays
+          data = [s for s in shapes if s[1]]
+          shapes = data[len(data) // 2:]
+        collective[kind] += times * sum(_DTYPE_BYTES.get(d, 1) * math.prod(s) for d, s in shapes)
+      if times > 1:
+        if instr.opcode in ("dot", "convolution"):
+          extra_flops += (times - 1) * _dot_flops(instr, symbols)
+        if name not in fused and instr.opcode not in _FREE:
+          moved = shape_bytes(instr.shape) + sum(shape_bytes(symbols.get(o, "")) for o in instr.operands())
+          extra_bytes += (times - 1) * moved
+  return {"collective_bytes": dict(collective), "extra_flops": extra_flops, "extra_bytes": extra_bytes,
+          "unknown_loops": unknown}
+
+
+def matmul_flops(closed_jaxpr) -> float:
+  """2 x multiply-adds of every dot_general and convolution in a jaxpr: scan bodies count
+  their length times, a cond its costliest branch, a while loop's body once."""
+  return _jaxpr_flops(closed_jaxpr.jaxpr if isinstance(closed_jaxpr, jex.ClosedJaxpr) else closed_jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *window)
+      per_output = math.prod(rhs[d] for d in rhs_spec[1:])
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    if name == "while":  # the body once: its trip count is not static here
+      total += _jaxpr_flops(eqn.params["body_jaxpr"].jaxpr)
+      continue
+    subs = [j.jaxpr if isinstance(j, jex.ClosedJaxpr) else j for j in jex.jaxprs_in_params(eqn.params)]
+    if not subs:
+      continue
+    counts = [_jaxpr_flops(j) for j in subs]
+    if name == "cond":
+      total += max(counts)
+    elif name == "scan":
+      total += eqn.params["length"] * sum(counts)
+    else:
+      total += sum(counts)
+  return total
+
+
+def forward_matmul_flops(fn, *args) -> float:
+  """matmul_flops of fn traced on abstract args (jax.ShapeDtypeStruct); nothing is computed."""
+  return matmul_flops(jax.make_jaxpr(fn)(*args))
