@@ -37,7 +37,7 @@ def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(_DIFFUSION)}.")
   schedule, sample_steps, sampler, variance, prediction = _DIFFUSION[stage]
   c = common.base_config(stage)
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.compute_dtype = "bfloat16"
   c.clip_dir = ""  # e.g. a saved openai/clip-vit-large-patch14
   c.data = ml_collections.ConfigDict(dict(kind="folder", path="", name="coco_captions", split="train",

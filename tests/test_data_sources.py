@@ -82,9 +82,11 @@ def test_streams_resume_and_split_across_hosts(tmp_path):
   first, second = next(stream), next(stream)
   resumed = next(source.batches(4, 4, 8, seed=3))
   assert resumed["caption"] == second["caption"]
-  hosts = [next(source.batches(4, 4, 8, seed=3, shard_index=k, shard_count=2)) for k in range(2)]
+  # Two hosts owning interleaved rows read exactly those rows of the same global batch.
+  hosts = [next(source.batches(4, 4, 8, seed=3, rows=np.arange(k, 4, 2))) for k in range(2)]
   merged = [c for pair in zip(hosts[0]["caption"], hosts[1]["caption"]) for c in pair]
   assert merged == second["caption"]
+  np.testing.assert_array_equal(hosts[1]["index"], [5, 7])
   assert first["caption"] != second["caption"]
 
 
@@ -94,7 +96,7 @@ def test_tfds_mock_coco_captions():
   data = ml_collections.ConfigDict(dict(kind="tfds", name="coco_captions", split="train",
                                         image_key="image", caption_key="captions/text", data_dir=None))
   with tfds.testing.mock_data(num_examples=8):
-    batch = next(sources.make_batches(data, 4, 32)(0, 0, 1))
+    batch = next(sources.make_batches(data, 4, 32)(0))
   assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert len(batch["caption"]) == 4 and all(isinstance(c, str) for c in batch["caption"])
 

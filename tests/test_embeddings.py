@@ -24,10 +24,10 @@ def test_store_round_trip_equals_clip(tmp_path, shapes_clip_dir):
   np.testing.assert_allclose(got["z_i"], np.asarray(z_i)[[7, 2, 9]], rtol=1e-5, atol=1e-6)
   # As a data source: one epoch visits every example once, resumably.
   batches = sources.make_batches(ml_collections.ConfigDict({"kind": "embeddings", "path": str(tmp_path)}), 5, 0)
-  stream = batches(0, 0, 1)
+  stream = batches(0)
   epoch = next(stream)["caption"] + next(stream)["caption"]
   assert sorted(epoch) == sorted(captions)
-  assert next(batches(5, 0, 1))["caption"] == epoch[5:]
+  assert next(batches(5))["caption"] == epoch[5:]
 
 
 def test_missing_store_is_a_clear_error(tmp_path):

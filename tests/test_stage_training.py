@@ -14,7 +14,7 @@ import pytest
 from configs import shapes
 from unclip_jax import checkpoints, parallel, train_loop, training
 from unclip_jax.data import shapes as shapes_data
-from unclip_jax.data import sources
+from unclip_jax.data import ordering, sources
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages import build
@@ -145,7 +145,7 @@ def test_sharded_step_equals_one_device(stage_name, tmp_path, shapes_clip_dir):
   config = shapes.get_config(f"{stage_name},tiny")
   config.clip_dir = shapes_clip_dir
   stage, batches = build.build(config, str(tmp_path))
-  batch = stage.encode_batch(next(batches(0, 0, 1)))
+  batch = stage.encode_batch(next(batches(0)))
   sharded, m_sharded = _one_step(stage, batch, parallel.make_mesh({"data": 2, "fsdp": 4}))
   single, m_single = _one_step(stage, batch, parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
   np.testing.assert_allclose(m_sharded["loss"], m_single["loss"], rtol=1e-5)
@@ -172,7 +172,7 @@ def test_train_py_reports_bad_config_clearly(tmp_path):
 def test_upsampler_conditioning_is_degraded_per_example_and_reproducible(tmp_path):
   config = shapes.get_config("sr2,tiny")
   stage, batches = build.build(config, str(tmp_path))
-  host = next(batches(0, 0, 1))
+  host = next(batches(0))
   a, b = stage.encode_batch(host), stage.encode_batch(host)
   np.testing.assert_array_equal(a["low_res"], b["low_res"])  # seeded by the example's stream index
   assert a["low_res"].shape == (8, 32, 32, 3) and a["image"].shape == (8, 64, 64, 3)  # 32 -> 64
@@ -200,8 +200,9 @@ def test_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, shapes_
   stage, shapes_batches = build.build(config, str(tmp_path))
   seen = []
 
-  def both(start, k, n):
-    for name, batch in (("shapes", next(shapes_batches(start, k, n))), ("tfds", tfds_batch)):
+  def both(start, rows=None):
+    tfds_rows = config.batch_size + ordering.check_rows(rows, config.batch_size)  # the second global batch
+    for name, batch in (("shapes", next(shapes_batches(start, rows))), ("tfds", dict(tfds_batch, index=tfds_rows))):
       seen.append((name, batch["image"].shape))
       yield batch
 

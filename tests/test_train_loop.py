@@ -58,8 +58,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _params(straight), _params(workdir))
 
 
-def _batches_going_bad_at_step_5(start, process_index, process_count):
-  for batch in toy_batches(start, process_index, process_count):
+def _batches_going_bad_at_step_5(start, rows=None):
+  for batch in toy_batches(start, rows):
     if start >= 4 * 8:  # the 5th batch onwards holds a corrupt value
       batch["x"][0, 0] = np.nan
     start += 8

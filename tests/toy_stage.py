@@ -12,19 +12,32 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unclip_jax.data import ordering
+
 
 class ToyStage:
-  """Noisy linear regression; the noise makes the rng's resume behaviour visible."""
+  """Noisy regression; the noise makes the rng's resume behaviour visible.
 
-  def __init__(self, sleep: float = 0.0):
+  hidden > 0 adds a tanh layer of that width (kernels large enough to be split
+  by FSDP), else the model is linear.
+  """
+
+  def __init__(self, sleep: float = 0.0, hidden: int = 0):
     self.sleep = sleep
+    self.hidden = hidden
 
   def init_params(self, rng):
-    return {"dense": {"kernel": jax.random.normal(rng, (8, 16)) * 0.1, "bias": jnp.zeros(16)}}
+    if not self.hidden:
+      return {"dense": {"kernel": jax.random.normal(rng, (8, 16)) * 0.1, "bias": jnp.zeros(16)}}
+    k1, k2 = jax.random.split(rng)
+    return {"dense": {"kernel": jax.random.normal(k1, (8, self.hidden)) * 0.3, "bias": jnp.zeros(self.hidden)},
+            "out": {"kernel": jax.random.normal(k2, (self.hidden, 16)) * self.hidden ** -0.5, "bias": jnp.zeros(16)}}
 
   def loss(self, params, batch, rng):
     x = batch["x"] + 0.05 * jax.random.normal(rng, batch["x"].shape)
     pred = x @ params["dense"]["kernel"] + params["dense"]["bias"]
+    if self.hidden:
+      pred = jnp.tanh(pred) @ params["out"]["kernel"] + params["out"]["bias"]
     loss = jnp.mean((pred - batch["y"]) ** 2)
     return loss, {"mse": loss}
 
@@ -41,16 +54,12 @@ class ToyStage:
     return {"stage": "toy"}
 
 
-def toy_batches(start, process_index, process_count, batch_size=8):
+def toy_batches(start, rows=None, batch_size=8):
   """Example i is a function of i alone, so a resumed stream is the same stream."""
-  del process_index, process_count
-  position = start
-  while True:
-    idx = np.arange(position, position + batch_size)
+  for idx in ordering.host_batch_positions(start, batch_size, rows):
     rngs = [np.random.default_rng(int(i)) for i in idx]
     x = np.stack([r.standard_normal(8) for r in rngs]).astype(np.float32)
-    yield {"x": x, "y": np.tanh(x @ np.ones((8, 16), np.float32) / 4)}
-    position += batch_size
+    yield {"x": x, "y": np.tanh(x @ np.ones((8, 16), np.float32) / 4), "index": idx}
 
 
 def toy_config(total_steps=6, **overrides):

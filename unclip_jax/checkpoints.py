@@ -6,7 +6,9 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -53,16 +55,31 @@ class Checkpointer:
     self._manager.close()
 
 
+def gather_to_host(tree):
+  """Every leaf whole, as numpy, on every process (a collective: all processes call it).
+
+  One leaf at a time, so a sharded model never needs its whole size on one device.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
+
+
 INFERENCE_PARAMS = "params"
 INFERENCE_CONFIG = "config.json"
 
 
 def export_inference(path: str, params, config: dict[str, Any]):
-  """Writes params (usually the EMA) and a JSON config for sampling."""
+  """Writes params (usually the EMA; host or addressable arrays) and a JSON config for sampling."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   params = jax.device_get(params)
-  with ocp.StandardCheckpointer() as ckptr:
+  # The calling process writes alone (train.py exports from process 0 of a multi-process run).
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+  with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
     ckptr.save(os.path.join(path, INFERENCE_PARAMS), params, force=True)
   with open(os.path.join(path, INFERENCE_CONFIG), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

@@ -21,7 +21,7 @@ order on CPU) and, for multislice, as a hybrid ICI x DCN mesh (`make_mesh`).
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -274,25 +274,53 @@ def batch_size_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
-def host_batch_positions(start: int, batch_size: int, shard_index: int = 0,
-                         shard_count: int = 1) -> Iterator[np.ndarray]:
-  """Global example positions of this host's share of each global batch, from `start` on.
+def host_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+  """Sorted rows of a [batch_size, ...] global array that this process's devices hold.
 
-  Host k of n takes positions k, k + n, ...: the same examples train whatever
-  the host count, so a stream resumed on another topology continues exactly.
+  A host reads exactly these examples of each global batch (row i is example
+  position + i), so hosts may own interleaved rows on any mesh layout and a
+  run on N hosts sees the same global arrays as a run on one.
   """
-  if batch_size % shard_count:
-    raise ValueError(f"batch_size {batch_size} must divide among {shard_count} hosts.")
-  position = start
-  while True:
-    yield np.arange(position, position + batch_size)[shard_index::shard_count]
-    position += batch_size
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(batch_size)[index[0]])
+  return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules=DEFAULT_RULES):
-  """Assembles per-host arrays into global jax.Arrays split along the batch axes."""
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules=DEFAULT_RULES, *,
+                 batch_size: int | None = None, rows: np.ndarray | None = None):
+  """This host's rows of a global batch -> global jax.Arrays split along the batch axes.
+
+  rows: this host's rows (`host_rows`) of a global batch of batch_size; both
+  None when one process holds the whole batch. Each device's slice is looked
+  up among the host's rows, so any mesh layout works.
+  """
   sharding = batch_sharding(mesh, rules)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+  if rows is None:
+    if jax.process_count() > 1:
+      raise ValueError("global_batch needs this host's rows and the global batch_size with several processes.")
+    batch_size = len(jax.tree.leaves(local_batch)[0])
+    rows = np.arange(batch_size)
+  where = np.full(batch_size, -1)
+  where[rows] = np.arange(len(rows))
+
+  def one(x):
+    x = np.asarray(x)
+    if x.shape[0] != len(rows):
+      raise ValueError(f"A host batch field has {x.shape[0]} rows; this host owns {len(rows)} of {batch_size}.")
+    return jax.make_array_from_callback(
+        (batch_size,) + x.shape[1:], sharding, lambda index: x[where[index[0]]][(slice(None),) + index[1:]])
+
+  return jax.tree.map(one, local_batch)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None):
+  """Joins a multi-process run (before any other JAX computation). With no
+  arguments jax.distributed asks the cluster (TPU VM metadata, Slurm, ...) for
+  its peers. CPU processes exchange collectives through gloo; accelerators ignore it."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def describe(params, shardings) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import tqdm.auto
 from absl import logging
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from unclip_jax import checkpoints
 from unclip_jax import imaging
@@ -49,8 +50,10 @@ class Stage(Protocol):
     ...
 
 
-# batches(start, process_index, process_count) -> this host's batches from global position `start`
-BatchesFn = Callable[[int, int, int], Iterator[dict]]
+# batches(start, rows) -> this host's `rows` of every global batch from global position `start`
+# (rows: sorted offsets into the global batch, see data/ordering.py; each batch's "index" says which
+# global positions it holds).
+BatchesFn = Callable[[int, np.ndarray], Iterator[dict]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,19 +62,42 @@ class TrainingDiverged(RuntimeError):
 
 @contextlib.contextmanager
 def stop_requests():
-  """Turns SIGTERM (preemption) and Ctrl-C into a flag the loop polls each step."""
+  """Turns SIGTERM (preemption) and Ctrl-C into a stop the loop polls each step: stop_at(step).
+
+  One process: a Python handler sets a flag. Several processes must all stop
+  after the same step, so SIGTERM is left to JAX's preemption service (which
+  jax.distributed starts; it agrees on a step across hosts) and Ctrl-C is
+  forwarded to it as a SIGTERM.
+  """
   requested = {"signal": None}
+  multiprocess = jax.process_count() > 1
 
   def handler(signum, frame):
     del frame
     requested["signal"] = signal.Signals(signum).name
+    if multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)
 
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  def stop_at(step: int) -> str | None:
+    if multiprocess:
+      return (requested["signal"] or "SIGTERM") if multihost_utils.reached_preemption_sync_point(step) else None
+    return requested["signal"]
+
+  names = (signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)
+  previous = {s: signal.signal(s, handler) for s in names}
   try:
-    yield requested
+    yield stop_at
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
+
+
+def _check_positions(host_batch: dict, expected: np.ndarray):
+  """A data source must hand this host exactly its rows of the global batch (and no more)."""
+  got = host_batch.get("index")
+  if got is not None and not np.array_equal(np.asarray(got), expected):
+    raise ValueError(f"The data source returned positions {np.asarray(got)[:8]}... for this host; expected "
+                     f"{expected[:8]}... (its rows of the global batch).")
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
@@ -130,7 +156,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
   step_fn = training.jit_train_step(
       training.make_train_step(stage.loss, tx, ema_decay=config.ema_decay, learning_rate=lr,
                                grad_accum_steps=config.get("grad_accum_steps", 1)), shardings, mesh, rules)
-  data = batches(position, jax.process_index(), jax.process_count())
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  rows = parallel.host_rows(batch_sharding, config.batch_size)  # this host's rows of every global batch
+  data = batches(position, rows)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config.items()})
@@ -148,10 +176,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
       ckpt.save(step, state, {"position": position, "config": meta_config}, force=force)
 
   try:
-    with stop_requests() as stop:
+    with stop_requests() as stop_at:
       step = start_step
       while step < config.total_steps:
-        batch = parallel.global_batch(stage.encode_batch(next(data)), mesh, rules)
+        host_batch = next(data)
+        _check_positions(host_batch, position + rows)
+        batch = parallel.global_batch(stage.encode_batch(host_batch), mesh, rules, batch_size=config.batch_size,
+                                      rows=rows)
         state, metrics = step_fn(state, batch)
         step += 1
         position += config.batch_size
@@ -169,8 +200,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
         save(step)
         if config.get("sample_every") and step % config.sample_every == 0:
           write_samples(stage, state, workdir, writer, step)
-        if stop["signal"] is not None:
-          logging.info("%s received: saving step %d and stopping.", stop["signal"], step)
+        stop = stop_at(step)
+        if stop is not None:
+          logging.info("%s received: saving step %d and stopping.", stop, step)
           save(step, force=True)
           break
       else:
@@ -180,10 +212,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
     ckpt.close()
     bar.close()
     writer.flush()
-  if int(state.step) >= config.total_steps and jax.process_index() == 0:
+  if int(state.step) >= config.total_steps:
     export_dir = config.get("export_dir") or os.path.join(workdir, "export")
-    export(stage, state.ema_params, export_dir)
-    logging.info("Exported EMA params for sampling to %s", export_dir)
+    host_params = checkpoints.gather_to_host(state.ema_params)  # every process takes part in the gather
+    if jax.process_index() == 0:
+      export(stage, host_params, export_dir)
+      logging.info("Exported EMA params for sampling to %s", export_dir)
+    multihost_utils.sync_global_devices("export")  # no process exits before the export is written
   return state
 
 

@@ -15,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
+from unclip_jax.data import ordering
+
 FIELDS = {"z_t": np.float32, "z_i": np.float32, "tokens": np.float16, "mask": np.bool_}
 
 
@@ -73,14 +75,11 @@ class EmbeddingStore:
     out["caption"] = [self.captions[i] for i in indices]
     return out
 
-  def batches(self, start: int, batch_size: int, *, seed: int = 0, shard_index: int = 0,
-              shard_count: int = 1) -> Iterator[dict]:
-    """This host's share of each global batch, in epoch-shuffled order from position `start`."""
-    from unclip_jax import parallel
-    from unclip_jax.data.sources import shuffled_index
-
-    for positions in parallel.host_batch_positions(start, batch_size, shard_index, shard_count):
-      items = [shuffled_index(int(p), len(self), seed) for p in positions]
+  def batches(self, start: int, batch_size: int, *, seed: int = 0, rows: np.ndarray | None = None
+              ) -> Iterator[dict]:
+    """This host's rows of each global batch, in epoch-shuffled order from position `start`."""
+    for positions in ordering.host_batch_positions(start, batch_size, rows):
+      items = [ordering.shuffled_index(int(p), len(self), seed) for p in positions]
       yield dict(self.get(items), index=positions, corrupt=0)
 
 
@@ -96,7 +95,7 @@ def main(argv):
   clip = clip_lib.load_clip(f.clip)
   data = ml_collections.ConfigDict({"kind": f.data_kind, "path": f.data_path, "name": f.tfds_name,
                                     "split": f.tfds_split, "seed": f.seed, "data_dir": None})
-  stream = sources.make_batches(data, f.batch_size, f.resolution)(0, 0, 1)
+  stream = sources.make_batches(data, f.batch_size, f.resolution)(0)
   write(clip, stream, f.num_examples, f.out)
 
 

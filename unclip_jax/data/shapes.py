@@ -12,6 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
+from unclip_jax.data import ordering
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -143,15 +145,14 @@ def generate(seed: int, indices, resolution: int) -> tuple[np.ndarray, list[str]
   return np.stack([render(s, resolution) for s in scenes]), [s.caption for s in scenes]
 
 
-def batches(seed: int, resolution: int, batch_size: int, *, start: int = 0, shard_index: int = 0,
-            shard_count: int = 1) -> Iterator[dict]:
-  """Endless batches {'image', 'caption', 'index'}; shard k of n gets scenes i with i % n == k.
+def batches(seed: int, resolution: int, batch_size: int, *, start: int = 0, rows: np.ndarray | None = None
+            ) -> Iterator[dict]:
+  """Endless batches {'image', 'caption', 'index'}: scene i is global example i; a host
+  reads only its `rows` of each global batch (None: all of it; see data/ordering.py).
 
   `start` counts global scenes already consumed (the resume position), so the
   stream continues exactly where it stopped whatever the batch size.
   """
-  from unclip_jax import parallel
-
-  for indices in parallel.host_batch_positions(start, batch_size, shard_index, shard_count):
+  for indices in ordering.host_batch_positions(start, batch_size, rows):
     images, captions = generate(seed, indices, resolution)
     yield {"image": images, "caption": captions, "index": indices}

@@ -17,17 +17,12 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from unclip_jax import parallel
 from unclip_jax.data import images as images_lib
+from unclip_jax.data import ordering
 from unclip_jax.data import shapes
+from unclip_jax.data.ordering import shuffled_index
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def shuffled_index(global_index: int, num_items: int, seed: int) -> int:
-  """Epoch-wise shuffled order over num_items: global position -> item index."""
-  epoch, offset = divmod(global_index, num_items)
-  return int(np.random.default_rng([seed, epoch]).permutation(num_items)[offset])
 
 
 class RandomAccessSource:
@@ -45,9 +40,9 @@ class RandomAccessSource:
   def example_order(self, global_index: int, seed: int) -> int:
     return shuffled_index(global_index, len(self.items), seed)
 
-  def batches(self, start: int, batch_size: int, resolution: int, *, seed: int = 0, shard_index: int = 0,
-              shard_count: int = 1) -> Iterator[dict]:
-    for indices in parallel.host_batch_positions(start, batch_size, shard_index, shard_count):
+  def batches(self, start: int, batch_size: int, resolution: int, *, seed: int = 0,
+              rows: np.ndarray | None = None) -> Iterator[dict]:
+    for indices in ordering.host_batch_positions(start, batch_size, rows):
       pixels, captions, bad = [], [], []
       for i in indices:
         load, caption = self.items[self.example_order(int(i), seed)]
@@ -125,8 +120,8 @@ def _tar_reader(path, offset, size):
 
 
 def tfds_batches(name: str, split: str, *, image_key: str, caption_key: str, data_dir: str | None,
-                 start: int, batch_size: int, resolution: int, seed: int = 0, shard_index: int = 0,
-                 shard_count: int = 1, shuffle_buffer: int = 10_000) -> Iterator[dict]:
+                 start: int, batch_size: int, resolution: int, seed: int = 0, rows: np.ndarray | None = None,
+                 shuffle_buffer: int = 10_000) -> Iterator[dict]:
   """Any tensorflow-datasets image-caption set, e.g. coco_captions (caption_key
   "captions/text" takes the first caption of a list)."""
   import tensorflow as tf
@@ -135,8 +130,8 @@ def tfds_batches(name: str, split: str, *, image_key: str, caption_key: str, dat
   tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators JAX uses
   ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).skip(start)
-  per_host = batch_size // shard_count
-  mine = range(shard_index * per_host, (shard_index + 1) * per_host)
+  rows = ordering.check_rows(rows, batch_size)
+  mine = set(rows.tolist())
 
   def field(example, key):
     for part in key.split("/"):
@@ -156,33 +151,33 @@ def tfds_batches(name: str, split: str, *, image_key: str, caption_key: str, dat
       caption = field(example, caption_key)
       caption = caption[0] if np.ndim(caption) else caption
       captions.append(caption.decode("utf-8") if isinstance(caption, bytes) else str(caption))
-    indices = np.arange(position, position + batch_size)[mine.start:mine.stop]
+    indices = position + rows
     yield {"image": np.stack(pixels), "caption": captions, "index": indices, "corrupt": 0}
     position += batch_size
 
 
 def make_batches(data: ml_collections.ConfigDict, batch_size: int, resolution: int):
-  """(start, shard_index, shard_count) -> batches, from a data config with `kind`:
+  """(start, rows) -> batches (rows: this host's rows of each global batch, None for
+  all; see data/ordering.py), from a data config with `kind`:
   shapes (seed), folder (path), tfds (name, split, image_key, caption_key, data_dir),
   embeddings (path: precomputed CLIP embeddings, see data/embeddings.py)."""
   kind = data.kind
   if kind == "shapes":
-    return lambda start, k, n: _with_corrupt(shapes.batches(data.seed, resolution, batch_size, start=start,
-                                                            shard_index=k, shard_count=n))
+    return lambda start, rows=None: _with_corrupt(shapes.batches(data.seed, resolution, batch_size, start=start,
+                                                                 rows=rows))
   if kind == "folder":
     source = folder_source(data.path)
-    return lambda start, k, n: source.batches(start, batch_size, resolution, seed=data.get("seed", 0),
-                                              shard_index=k, shard_count=n)
+    return lambda start, rows=None: source.batches(start, batch_size, resolution, seed=data.get("seed", 0),
+                                                   rows=rows)
   if kind == "tfds":
-    return lambda start, k, n: tfds_batches(
+    return lambda start, rows=None: tfds_batches(
         data.name, data.split, image_key=data.get("image_key", "image"),
         caption_key=data.get("caption_key", "captions/text"), data_dir=data.get("data_dir"), start=start,
-        batch_size=batch_size, resolution=resolution, seed=data.get("seed", 0), shard_index=k, shard_count=n)
+        batch_size=batch_size, resolution=resolution, seed=data.get("seed", 0), rows=rows)
   if kind == "embeddings":
     from unclip_jax.data import embeddings
     store = embeddings.EmbeddingStore(data.path)
-    return lambda start, k, n: store.batches(start, batch_size, seed=data.get("seed", 0), shard_index=k,
-                                             shard_count=n)
+    return lambda start, rows=None: store.batches(start, batch_size, seed=data.get("seed", 0), rows=rows)
   raise ValueError(f"Unknown data kind {kind!r}; expected 'shapes', 'folder', 'tfds' or 'embeddings'.")
 
 

@@ -13,16 +13,16 @@ def build(config: ml_collections.ConfigDict, workdir: str):
     return clip.ClipStage(config, workdir), batches
   if config.stage in ("sr1", "sr2"):
     from unclip_jax.stages import upsampler
-    return upsampler.UpsamplerStage(config, next(batches(0, 0, 1))), batches
+    return upsampler.UpsamplerStage(config, next(batches(0))), batches
   clip_model = _load_frozen_clip(config)
   if config.stage == "prior":
     from unclip_jax.stages import prior
-    stream = batches(0, 0, 1)
+    stream = batches(0)
     first = [prior.encode_for_prior(clip_model, next(stream)) for _ in range(config.get("stats_batches", 4))]
     return prior.PriorStage(config, clip_model, first), batches
   if config.stage == "decoder":
     from unclip_jax.stages import decoder
-    return decoder.DecoderStage(config, clip_model, next(batches(0, 0, 1))), batches
+    return decoder.DecoderStage(config, clip_model, next(batches(0))), batches
   raise ValueError(f"Unknown stage {config.stage!r}; expected clip, prior, decoder, sr1 or sr2.")
 
 
