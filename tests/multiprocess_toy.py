@@ -45,7 +45,8 @@ def main():
       yield batch
 
   mesh = {k: int(v) for k, v in (part.split("=") for part in args.mesh.split(","))}
-  config = toy_config(args.total_steps, batch_size=BATCH_SIZE, checkpoint_every=1, mesh=mesh)
+  config = toy_config(args.total_steps, batch_size=BATCH_SIZE, checkpoint_every=1, mesh=mesh,
+                      sample_every=args.total_steps)
   train_loop.train(config, args.workdir, ToyStage(args.sleep, hidden=HIDDEN), recorded_batches)
   print("finished", jax.process_index(), flush=True)
 

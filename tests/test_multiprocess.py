@@ -3,7 +3,7 @@
 One run is preempted (SIGTERM to both processes), then resumed as 2 processes on
 another mesh and as 1 process x 8 devices; both must end where a single-process
 8-device run of the same steps ends, and every host must have read only its own
-rows of every global batch.
+rows of every global batch. Sample grids and the export are written by process 0.
 """
 
 import json
@@ -103,6 +103,7 @@ def test_two_processes_stop_resume_on_any_process_count_and_export(tmp_path):
   for workdir in (as_two, as_one):
     _assert_each_position_read_once(workdir)
     got = checkpoints.load_inference(str(workdir / "export"))[0]
+    assert (workdir / "samples" / f"step_{TOTAL_STEPS:08d}.png").exists()
     # Not bitwise: the gradient all-reduce sums per-device float32 parts in another order on another
     # mesh, and gloo's cross-process reduction orders them unlike XLA's in-process one. Reading any
     # wrong batch or step moves these parameters by ~1e-2.

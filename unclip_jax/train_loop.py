@@ -199,7 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
           bar.set_postfix(loss=f"{scalars['loss']:.4g}")
         save(step)
         if config.get("sample_every") and step % config.sample_every == 0:
-          write_samples(stage, state, workdir, writer, step)
+          write_samples(stage, state, workdir, writer, step, mesh)
         stop = stop_at(step)
         if stop is not None:
           logging.info("%s received: saving step %d and stopping.", stop, step)
@@ -231,8 +231,12 @@ def export(stage: Stage, params, export_dir: str):
     checkpoints.export_inference(export_dir, params, stage.inference_config())
 
 
-def write_samples(stage: Stage, state: training.TrainState, workdir: str, writer, step: int):
-  images = stage.sample_images(state.ema_params, jax.random.fold_in(jax.random.key(0), step))
+def write_samples(stage: Stage, state: training.TrainState, workdir: str, writer, step: int, mesh=None):
+  params = state.ema_params
+  if jax.process_count() > 1 and mesh is not None:
+    # Sampling code reads whole arrays on the host: with several processes every device takes a copy.
+    params = jax.jit(lambda p: p, out_shardings=parallel.replicated(mesh))(params)
+  images = stage.sample_images(params, jax.random.fold_in(jax.random.key(0), step))
   if images is None or jax.process_index() > 0:
     return
   grid = imaging.make_grid(images, getattr(stage, "grid_columns", None))
