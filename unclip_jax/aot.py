@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -256,32 +257,58 @@ def compile_for(config, topology: tpu_chips.Topology, *, sample: bool = False, b
   return report(program, topology), program
 
 
-def fit_batch(config, topology, points, *, sample=False, clip=None) -> dict:
+def _required_bytes(error: DoesNotFit, fixed: float) -> float | None:
+  """XLA's "memory required for HLO temporaries (12.3G)" (GiB) plus the non-temporary bytes."""
+  m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", str(error))
+  return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) + fixed if m else None
+
+
+def fit_batch(config, topology, points, *, sample=False, clip=None, max_checks: int = 3) -> dict:
   """The largest global batch that fits, from two compiles: per-chip memory is affine in the per-chip
-  batch (params and optimizer state fixed, activations proportional), then one compile to check."""
+  batch (params and optimizer state fixed, activations proportional), so memory = a + b * batch through
+  the two points gives the batch; a compile there checks it. Padding makes small batches cost more than
+  the line says, so a check that misses refits through its own point (a secant step), at most
+  max_checks times."""
   devices = tpu_chips.compile_only_devices(topology)
   mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
   divisor = parallel.batch_size_divisor(mesh, config_rules(config))
   unit = 1 if sample else config.get("grad_accum_steps", 1)
   per_chip = [int(p) for p in points]
-  if len(per_chip) != 2 or per_chip[0] >= per_chip[1] or any(p % unit for p in per_chip):
+  if len(per_chip) != 2 or not 0 < per_chip[0] < per_chip[1] or any(p % unit for p in per_chip):
     raise ValueError(f"--fit_points takes two increasing per-chip batch sizes, multiples of {unit}, got {points}.")
-  totals = []
+  compile_at = functools.partial(compile_for, config, topology, sample=sample, devices=devices, clip=clip)
+  measured, fixed = [], 0.0
   for b in per_chip:
-    result, _ = compile_for(config, topology, sample=sample, batch_size=b * divisor, devices=devices, clip=clip)
-    totals.append(result["per_chip_bytes"]["total"])
-  slope = (totals[1] - totals[0]) / (per_chip[1] - per_chip[0])
-  intercept = totals[0] - slope * per_chip[0]
-  best = int((topology.chip.hbm_bytes - intercept) // slope) if slope > 0 else 0
-  best -= best % unit
-  out = {"per_chip_batches": per_chip, "per_chip_totals": totals, "bytes_fixed": intercept,
-         "bytes_per_example": slope, "per_chip_batch": best, "batch_size": best * divisor, "verified": False}
-  if best >= unit:
+    pc = compile_at(batch_size=b * divisor)[0]["per_chip_bytes"]
+    measured.append((b, pc["total"]))
+    fixed = pc["total"] - pc["temps"]
+  (x0, y0), (x1, y1) = measured
+  out = {"per_chip_batches": per_chip, "per_chip_totals": [y0, y1], "bytes_fixed": y0 - (y1 - y0) / (x1 - x0) * x0,
+         "bytes_per_example": (y1 - y0) / (x1 - x0), "checks": [], "per_chip_batch": 0, "batch_size": 0,
+         "verified": False}
+  hbm, best = topology.chip.hbm_bytes, 0
+  for _ in range(max_checks):
+    (x0, y0), (x1, y1) = measured[-2:]
+    slope = (y1 - y0) / (x1 - x0)
+    if slope <= 0:
+      break
+    guess = int((hbm - (y1 - slope * x1)) // slope)
+    guess -= guess % unit
+    if guess < unit or guess <= best or guess in (x0, x1):
+      break
     try:
-      result, _ = compile_for(config, topology, sample=sample, batch_size=best * divisor, devices=devices, clip=clip)
-      out.update(verified=result["fits"], verified_total=result["per_chip_bytes"]["total"])
-    except DoesNotFit:
-      pass
+      total = compile_at(batch_size=guess * divisor)[0]["per_chip_bytes"]["total"]
+    except DoesNotFit as e:
+      total = _required_bytes(e, fixed)
+    out["checks"].append([guess, total])
+    if total is None:
+      break
+    if total <= hbm:
+      best = guess
+      out.update(per_chip_batch=guess, batch_size=guess * divisor, verified=True)
+      if total > 0.95 * hbm:
+        break
+    measured.append((guess, total))
   return out
 
 
@@ -343,9 +370,11 @@ def main(argv):
     fit = None
     if _FIT_BATCH.value:
       fit = fit_batch(config, topology, _FIT_POINTS.value, sample=_SAMPLE.value, clip=clip)
-      print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.2f} MiB "
-            f"x per-chip batch; largest batch {fit['batch_size']} ({fit['per_chip_batch']} per chip), "
-            f"{'verified' if fit['verified'] else 'NOT verified'} by compiling it")
+      print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.3f} MiB "
+            f"x per-chip batch (compiled at {fit['per_chip_batches']}); checked per-chip batches "
+            f"{[c[0] for c in fit['checks']]}")
+      print(f"fit: largest batch that compiled and fits: {fit['batch_size']} ({fit['per_chip_batch']} per chip)"
+            if fit["verified"] else "fit: no checked batch fits")
   except DoesNotFit as e:
     sys.exit(f"error: does not fit {_TOPOLOGY.value}'s HBM at batch {config.batch_size} (try --fit_batch or a "
              f"smaller --config.batch_size): {e}")
