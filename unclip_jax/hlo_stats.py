@@ -136,11 +136,20 @@ def _dot_flops(instr: _Instr, symbols: dict) -> float:
     contracting = instr.attr("lhs_contracting_dims") or "{}"
     dims = [int(d) for d in contracting.strip("{}").split(",") if d]
     return 2.0 * out_elems * math.prod(lhs[d] for d in dims)
-  labels = instr.attr("dim_labels")  # e.g. b01f_01io->b01f
-  if not labels or "_" not in labels:
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.rest)
+  if not labels:
     return 0.0
-  rhs_labels = labels.split("_")[1].split("->")[0]
-  per_output = math.prod(n for n, c in zip(rhs, rhs_labels) if c != "o")  # input features x window
+  _, rhs_labels, out_labels = labels.groups()
+  out_shape = out[0][1]
+  per_output = 1
+  for size, label in zip(rhs, rhs_labels):
+    if label == "i":
+      per_output *= size
+    elif label.isdigit():
+      # A window as large as the output's side is a dot's batch dimension in disguise (the TPU writes batched
+      # matmuls as convolutions padded so that each output sees one window position): no reduction.
+      out_size = out_shape[out_labels.index(label)] if label in out_labels else 1
+      per_output *= 1 if size == out_size and size > 1 else size
   return 2.0 * out_elems * per_output
 
 
