@@ -157,6 +157,62 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "afte
          "replica-id", "opt-barrier"}
 
 
+def _sliced(instrs: list, value: str, symbols: dict) -> float | None:
+  """Bytes a computation touches of `value` if it only slices it (dynamic-slice reads, or writes with
+  dynamic-update-slice in place, as scan bodies do to stacked layers); None if it uses it whole."""
+  total, used = 0.0, False
+  for instr in instrs:
+    ops = instr.operands()
+    if value not in ops:
+      continue
+    used = True
+    if instr.opcode == "dynamic-slice" and ops[0] == value:
+      total += shape_bytes(instr.shape)
+    elif instr.opcode == "dynamic-update-slice" and ops[0] == value and value not in ops[1:]:
+      total += shape_bytes(symbols.get(ops[1], ""))
+    else:
+      return None
+  return total if used else None
+
+
+def _moved_bytes(instr: _Instr, symbols: dict, comps: dict) -> float:
+  """HBM bytes an unfused instruction reads and writes: its operands and result, except that slicing
+  a big buffer (directly or inside a fusion) moves only the slice, as XLA's cost analysis counts it."""
+  ops = instr.operands()
+  if instr.opcode == "dynamic-slice":
+    return 2 * shape_bytes(instr.shape)
+  if instr.opcode == "dynamic-update-slice" and len(ops) > 1:
+    return 2 * shape_bytes(symbols.get(ops[1], ""))
+  out = shape_bytes(instr.shape)
+  called = comps.get(instr.attr("calls") or "") if instr.opcode == "fusion" else None
+  if called is None:
+    return out + sum(shape_bytes(symbols.get(o, "")) for o in ops)
+  body, inner = called
+  params = {}
+  for i in body:
+    if i.opcode == "parameter":
+      index = re.match(r"\s*(\d+)\)", i.rest)
+      if index:
+        params[int(index.group(1))] = i.name
+  total = 0.0
+  for k, operand in enumerate(ops):
+    sliced = _sliced(body, params[k], inner) if k in params else None
+    total += shape_bytes(symbols.get(operand, "")) if sliced is None else sliced
+  root = body[-1] if body else None
+  if root is not None and root.opcode == "dynamic-update-slice":
+    out = shape_bytes(inner.get(root.operands()[1], ""))
+  elif root is not None and root.opcode == "tuple":
+    producers = {i.name: i for i in body}
+    out = 0.0
+    for element in root.operands():
+      p = producers.get(element)
+      if p is not None and p.opcode == "dynamic-update-slice":
+        out += shape_bytes(inner.get(p.operands()[1], ""))
+      else:
+        out += shape_bytes(inner.get(element, ""))
+  return total + out
+
+
 def analyse(text: str) -> dict:
   """Loop-aware counts for one compiled (per-device) HLO module.
 
@@ -164,7 +220,8 @@ def analyse(text: str) -> dict:
     the trips of the loops around it;
   extra_flops, extra_bytes: what XLA's cost analysis leaves out by counting
     each loop body once: (trips - 1) x the body's dot/convolution FLOPs, and
-    (trips - 1) x the operand and result bytes of its unfused instructions;
+    (trips - 1) x the bytes its unfused instructions read and write (slices of
+    stacked buffers counted as the slice, see _moved_bytes);
   unknown_loops: loops whose trip count was not found (counted once).
   """
   comps, entry = parse_module(text)
@@ -186,8 +243,7 @@ def analyse(text: str) -> dict:
         if instr.opcode in ("dot", "convolution"):
           extra_flops += (times - 1) * _dot_flops(instr, symbols)
         if name not in fused and instr.opcode not in _FREE:
-          moved = shape_bytes(instr.shape) + sum(shape_bytes(symbols.get(o, "")) for o in instr.operands())
-          extra_bytes += (times - 1) * moved
+          extra_bytes += (times - 1) * _moved_bytes(instr, symbols, comps)
   return {"collective_bytes": dict(collective), "extra_flops": extra_flops, "extra_bytes": extra_bytes,
           "unknown_loops": unknown}
 
