@@ -313,17 +313,22 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, max_checks: 
 
 
 def format_table(result: dict, topology, config, sample: bool, program: Program | None = None) -> str:
-  gib = lambda b: f"{b / 2**30:.3f} GiB"
+  def size(b):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+      if b >= scale:
+        return f"{b / scale:.3f} {unit}"
+    return f"{int(b)} B"
+
   pc = result["per_chip_bytes"]
   rows = [("program", f"{config.stage} {'sampling loop' if sample else 'train step'}, batch {config.batch_size}"),
           ("topology", f"{topology} ({result['chips']} chips, {dict(config.mesh)})"),
           ("params", f"{result['params']:,}"),
-          ("per chip: arguments", gib(pc["arguments"])), ("per chip: outputs", gib(pc["outputs"])),
-          ("per chip: temps", gib(pc["temps"])), ("per chip: total", gib(pc["total"])),
-          ("HBM per chip", gib(result["hbm_bytes_per_chip"])), ("fits", str(result["fits"])),
+          ("per chip: arguments", size(pc["arguments"])), ("per chip: outputs", size(pc["outputs"])),
+          ("per chip: temps", size(pc["temps"])), ("per chip: total", size(pc["total"])),
+          ("HBM per chip", size(result["hbm_bytes_per_chip"])), ("fits", str(result["fits"])),
           ("FLOPs per chip (XLA)", f"{result['flops_per_step']:.4g}"),
           ("model FLOPs (all chips)", f"{result['model_flops_per_step']:.4g}")]
-  rows += [(f"{kind} per chip", gib(b)) for kind, b in result["collective_bytes_per_step"].items() if b]
+  rows += [(f"{kind} per chip", size(b)) for kind, b in result["collective_bytes_per_step"].items() if b]
   rows += [("roofline step", f"{result['roofline_step_s'] * 1e3:.3f} ms"), ("MFU bound", f"{result['mfu_bound']:.1%}")]
   if program is not None:
     rows.append(("lower / compile", f"{program.lower_s:.1f} s / {program.compile_s:.1f} s"))
