@@ -157,9 +157,21 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "afte
          "replica-id", "opt-barrier"}
 
 
-def _sliced(instrs: list, value: str, symbols: dict) -> float | None:
-  """Bytes a computation touches of `value` if it only slices it (dynamic-slice reads, or writes with
-  dynamic-update-slice in place, as scan bodies do to stacked layers); None if it uses it whole."""
+def _param_names(body: list) -> dict:
+  names = {}
+  for instr in body:
+    if instr.opcode == "parameter":
+      index = re.match(r"\s*(\d+)\)", instr.rest)
+      if index:
+        names[int(index.group(1))] = instr.name
+  return names
+
+
+def _sliced(comps: dict, name: str, value: str) -> float | None:
+  """Bytes computation `name` touches of its value `value` if it only slices it (dynamic-slice reads,
+  dynamic-update-slice writes in place, as scan bodies do to stacked layers, possibly inside nested
+  fusions); None if it uses it whole."""
+  instrs, symbols = comps[name]
   total, used = 0.0, False
   for instr in instrs:
     ops = instr.operands()
@@ -170,6 +182,18 @@ def _sliced(instrs: list, value: str, symbols: dict) -> float | None:
       total += shape_bytes(instr.shape)
     elif instr.opcode == "dynamic-update-slice" and ops[0] == value and value not in ops[1:]:
       total += shape_bytes(symbols.get(ops[1], ""))
+    elif instr.opcode == "bitcast":  # the same bytes under another shape
+      part = _sliced(comps, name, instr.name)
+      if part is None:
+        return None
+      total += part
+    elif instr.opcode == "fusion" and instr.attr("calls") in comps:
+      inner = _param_names(comps[instr.attr("calls")][0])
+      for k in (k for k, o in enumerate(ops) if o == value):
+        part = _sliced(comps, instr.attr("calls"), inner[k]) if k in inner else None
+        if part is None:
+          return None
+        total += part
     else:
       return None
   return total if used else None
@@ -184,32 +208,29 @@ def _moved_bytes(instr: _Instr, symbols: dict, comps: dict) -> float:
   if instr.opcode == "dynamic-update-slice" and len(ops) > 1:
     return 2 * shape_bytes(symbols.get(ops[1], ""))
   out = shape_bytes(instr.shape)
-  called = comps.get(instr.attr("calls") or "") if instr.opcode == "fusion" else None
-  if called is None:
+  name = instr.attr("calls") if instr.opcode == "fusion" else None
+  if name not in comps:
     return out + sum(shape_bytes(symbols.get(o, "")) for o in ops)
-  body, inner = called
-  params = {}
-  for i in body:
-    if i.opcode == "parameter":
-      index = re.match(r"\s*(\d+)\)", i.rest)
-      if index:
-        params[int(index.group(1))] = i.name
+  body, inner = comps[name]
+  params = _param_names(body)
   total = 0.0
   for k, operand in enumerate(ops):
-    sliced = _sliced(body, params[k], inner) if k in params else None
+    sliced = _sliced(comps, name, params[k]) if k in params else None
     total += shape_bytes(symbols.get(operand, "")) if sliced is None else sliced
-  root = body[-1] if body else None
-  if root is not None and root.opcode == "dynamic-update-slice":
-    out = shape_bytes(inner.get(root.operands()[1], ""))
-  elif root is not None and root.opcode == "tuple":
-    producers = {i.name: i for i in body}
-    out = 0.0
-    for element in root.operands():
-      p = producers.get(element)
-      if p is not None and p.opcode == "dynamic-update-slice":
-        out += shape_bytes(inner.get(p.operands()[1], ""))
-      else:
-        out += shape_bytes(inner.get(element, ""))
+  producers = {i.name: i for i in body}
+
+  def written(value: str) -> float:  # an in-place update writes only its update
+    p = producers.get(value)
+    while p is not None and p.opcode == "bitcast":
+      p = producers.get(p.operands()[0])
+    if p is not None and p.opcode == "dynamic-update-slice":
+      return shape_bytes(inner.get(p.operands()[1], ""))
+    return shape_bytes(inner.get(value, ""))
+
+  if body and body[-1].opcode == "tuple":
+    out = sum(written(v) for v in body[-1].operands())
+  elif body:
+    out = written(body[-1].name)
   return total + out
 
 
