@@ -91,17 +91,29 @@ def test_loop_trip_counts_scale_flops_and_collectives():
   """XLA counts a while loop's body once; hlo_stats scales it by the loop's trip count."""
   hlo = """HloModule m, entry_computation_layout={()->f32[8,8]}
 
-%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
-  %p = (s32[], f32[8,8]{1,0}) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %x = f32[8,8]{1,0} get-tuple-element(%p), index=1
-  %ag = f32[8,8]{1,0} all-gather(%x), dimensions={0}
-  %d = f32[8,8]{1,0} dot(%ag, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-  ROOT %t = (s32[], f32[8,8]{1,0}) tuple(%i, %d)
+%slice (a: f32[12,8,8], b: s32[]) -> f32[1,8,8] {
+  %a = f32[12,8,8]{2,1,0} parameter(0)
+  %b = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = f32[1,8,8]{2,1,0} dynamic-slice(%a, %b, %zero, %zero), dynamic_slice_sizes={1,8,8}
 }
 
-%cond (q: (s32[], f32[8,8])) -> pred[] {
-  %q = (s32[], f32[8,8]{1,0}) parameter(0)
+%body (p: (s32[], f32[8,8], f32[12,8,8])) -> (s32[], f32[8,8], f32[12,8,8]) {
+  %p = (s32[], f32[8,8]{1,0}, f32[12,8,8]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8]{1,0} get-tuple-element(%p), index=1
+  %stack = f32[12,8,8]{2,1,0} get-tuple-element(%p), index=2
+  %w = f32[1,8,8]{2,1,0} fusion(%stack, %i), kind=kLoop, calls=%slice
+  %wb = f32[8,8]{1,0} bitcast(%w)
+  %ag = f32[8,8]{1,0} all-gather(%x), dimensions={0}
+  %d = f32[8,8]{1,0} dot(%ag, %wb), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %x2 = f32[2,8,8]{2,1,0} broadcast(%x), dimensions={1,2}
+  %bd = f32[2,8,8]{2,1,0} convolution(%x2, %x2), dim_labels=0bf_0io->0bf, window={size=2}
+  ROOT %t = (s32[], f32[8,8]{1,0}, f32[12,8,8]{2,1,0}) tuple(%i, %d, %stack)
+}
+
+%cond (q: (s32[], f32[8,8], f32[12,8,8])) -> pred[] {
+  %q = (s32[], f32[8,8]{1,0}, f32[12,8,8]{2,1,0}) parameter(0)
   %n = s32[] constant(12)
   %j = s32[] get-tuple-element(%q), index=0
   ROOT %lt = pred[] compare(%j, %n), direction=LT
@@ -109,13 +121,21 @@ def test_loop_trip_counts_scale_flops_and_collectives():
 
 ENTRY %main () -> f32[8,8] {
   %z = f32[8,8]{1,0} constant({...})
+  %s = f32[12,8,8]{2,1,0} constant({...})
   %c = s32[] constant(0)
-  %init = (s32[], f32[8,8]{1,0}) tuple(%c, %z)
-  %w = (s32[], f32[8,8]{1,0}) while(%init), condition=%cond, body=%body
+  %init = (s32[], f32[8,8]{1,0}, f32[12,8,8]{2,1,0}) tuple(%c, %z, %s)
+  %w = (s32[], f32[8,8]{1,0}, f32[12,8,8]{2,1,0}) while(%init), condition=%cond, body=%body
   ROOT %r = f32[8,8]{1,0} get-tuple-element(%w), index=1
 }
 """
   stats = hlo_stats.analyse(hlo)
   assert stats["collective_bytes"]["all-gather"] == 12 * 8 * 8 * 4
-  assert stats["extra_flops"] == 11 * 2 * 8 * 8 * 8
+  # The dot (8 x 8 x 8 multiply-adds) and the batched matmul written as a convolution whose window spans
+  # its batch dimension (2 x 8 x 8 x 8), 11 more times than XLA counts them.
+  assert stats["extra_flops"] == 11 * 2 * (8 * 8 * 8 + 2 * 8 * 8 * 8)
+  # The fusion reads one [8, 8] slice of the [12, 8, 8] stack per trip (and the counter), not the whole stack.
+  comps, _ = hlo_stats.parse_module(hlo)
+  fusion = next(i for i in comps["body"][0] if i.opcode == "fusion")
+  assert hlo_stats._moved_bytes(fusion, comps["body"][1], comps) == 8 * 8 * 4 + 4 + 8 * 8 * 4
+  assert stats["extra_bytes"] > 0
   assert not stats["unknown_loops"]
