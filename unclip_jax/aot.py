@@ -36,7 +36,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argum
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2, v6e:8x8.")
 _SAMPLE = flags.DEFINE_bool("sample", False, "Compile the stage's sampling loop (one batch) instead of the train step.")
 _FIT_BATCH = flags.DEFINE_bool("fit_batch", False, "Also find the largest global batch that fits: two compiles at "
-                               "per-chip batches --fit_points, memory = a + b * batch, then a check compile.")
+                               "per-chip batches --fit_points, memory = a + b * batch, then up to 3 check compiles.")
 _FIT_POINTS = flags.DEFINE_list("fit_points", ["4", "8"], "The two per-chip batch sizes --fit_batch compiles at.")
 _CLIP = flags.DEFINE_string("clip", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS, or auto: from config.clip_dir's "
                             "config.json if there is one, else ViT-L/14's (768,768,77).")
