@@ -38,6 +38,9 @@ _SAMPLE = flags.DEFINE_bool("sample", False, "Compile the stage's sampling loop 
 _FIT_BATCH = flags.DEFINE_bool("fit_batch", False, "Also find the largest global batch that fits: two compiles at "
                                "per-chip batches --fit_points, memory = a + b * batch, then up to 3 check compiles.")
 _FIT_POINTS = flags.DEFINE_list("fit_points", ["4", "8"], "The two per-chip batch sizes --fit_batch compiles at.")
+_REPLICATE = flags.DEFINE_bool("replicate_params", False, "With --sample: params whole on every chip and the batch "
+                               "split over all chips, as sample.py runs (default: the config's mesh and rules, as "
+                               "the train loop's sample grids run).")
 _CLIP = flags.DEFINE_string("clip", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS, or auto: from config.clip_dir's "
                             "config.json if there is one, else ViT-L/14's (768,768,77).")
 _JSON = flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
@@ -134,6 +137,7 @@ class Program:
   model_flops: float  # per step, all chips together
   lower_s: float
   compile_s: float
+  mesh: dict = dataclasses.field(default_factory=dict)  # axis sizes it was compiled for
 
 
 def compile_train_step(config, stage, mesh, rules, batch_size: int) -> Program:
@@ -170,7 +174,8 @@ def sampler_fn(config, stage):
   if config.stage == "prior":
     n = config.get("num_candidates", 2)
     fn = functools.partial(
-        prior.sample_prior, stage.model, num_steps=config.get("sample_steps", 64), sampler=config.get("sampler", "ddpm"),
+        prior.sample_prior, stage.model, num_steps=config.get("sample_steps", 64),
+        sampler=config.get("sampler", "ddpm"),
         guidance_scale=config.get("guidance_scale", 4.0), clip_range=config.get("clip_range", 5.0), num_candidates=n,
         noise_schedule=config.diffusion.schedule, num_train_timesteps=config.diffusion.num_timesteps)
     return (lambda p, cond, rng: fn({"params": p, "stats": stage.stats}, cond, stage.uncond, rng)), prior.COND_KEYS, n
@@ -185,12 +190,15 @@ def sampler_fn(config, stage):
   return (lambda p, cond, rng: fn(p, rng=rng, low_res=cond["low_res"])), ("low_res",), 1
 
 
-def compile_sampler(config, stage, mesh, rules, batch_size: int) -> Program:
+def compile_sampler(config, stage, mesh, rules, batch_size: int, replicate_params: bool = False) -> Program:
   """One batch through the stage's whole sampling loop (a lax.scan over its steps); params are
-  sharded as in training, the batch and its per-example keys split over the batch axes."""
+  sharded as in training (the train loop's sample grids) or whole on every chip (sample.py's
+  pipeline), the batch and its per-example keys split over the batch axes."""
   start = time.perf_counter()
   params = jax.eval_shape(stage.init_params, jax.random.key(0))
-  params = _abstract(params, parallel.param_shardings(params, mesh, rules))
+  shardings = (jax.tree.map(lambda _: parallel.replicated(mesh), params) if replicate_params
+               else parallel.param_shardings(params, mesh, rules))
+  params = _abstract(params, shardings)
   split = parallel.batch_sharding(mesh, rules)
   fn, keys, rows = sampler_fn(config, stage)
   batch = abstract_batch(stage, config, batch_size, split)
@@ -237,11 +245,17 @@ class DoesNotFit(RuntimeError):
 
 
 def compile_for(config, topology: tpu_chips.Topology, *, sample: bool = False, batch_size: int | None = None,
-                devices=None, clip: ClipShapes | None = None) -> tuple[dict, Program]:
-  """Builds the stage and compiles its train step (or sampler) for the topology: (report, program)."""
+                devices=None, clip: ClipShapes | None = None, replicate_params: bool = False) -> tuple[dict, Program]:
+  """Builds the stage and compiles its train step (or sampler) for the topology: (report, program).
+
+  replicate_params (sampling only): params whole on every chip and the batch split over all chips,
+  as sample.py's pipeline runs; otherwise the config's mesh and rules.
+  """
   devices = tpu_chips.compile_only_devices(topology) if devices is None else devices
-  mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
-  rules = config_rules(config)
+  if replicate_params and not sample:
+    raise ValueError("replicate_params is for sampling (--sample); the train step uses the config's mesh.")
+  mesh = parallel.make_mesh({"data": -1} if replicate_params else dict(config.mesh), devices=devices)
+  rules = parallel.DEFAULT_RULES if replicate_params else config_rules(config)
   batch_size = config.batch_size if batch_size is None else batch_size
   unit = parallel.batch_size_divisor(mesh, rules) * (1 if sample else config.get("grad_accum_steps", 1))
   if batch_size % unit:
@@ -249,11 +263,15 @@ def compile_for(config, topology: tpu_chips.Topology, *, sample: bool = False, b
                      f"({unit}) on mesh {dict(mesh.shape)}.")
   stage = build_stage(config, clip or clip_shapes(config))
   try:
-    program = (compile_sampler if sample else compile_train_step)(config, stage, mesh, rules, batch_size)
+    if sample:
+      program = compile_sampler(config, stage, mesh, rules, batch_size, replicate_params)
+    else:
+      program = compile_train_step(config, stage, mesh, rules, batch_size)
   except Exception as e:  # XLA reports an over-full HBM as RESOURCE_EXHAUSTED at compile time
     if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
       raise DoesNotFit(str(e).strip().splitlines()[0][:300]) from e
     raise
+  program.mesh = {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1}
   return report(program, topology), program
 
 
@@ -263,20 +281,24 @@ def _required_bytes(error: DoesNotFit, fixed: float) -> float | None:
   return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) + fixed if m else None
 
 
-def fit_batch(config, topology, points, *, sample=False, clip=None, max_checks: int = 3) -> dict:
+def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_params=False, max_checks: int = 3
+              ) -> dict:
   """The largest global batch that fits, from two compiles: per-chip memory is affine in the per-chip
   batch (params and optimizer state fixed, activations proportional), so memory = a + b * batch through
   the two points gives the batch; a compile there checks it. Padding makes small batches cost more than
   the line says, so a check that misses refits through its own point (a secant step), at most
   max_checks times."""
   devices = tpu_chips.compile_only_devices(topology)
-  mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
-  divisor = parallel.batch_size_divisor(mesh, config_rules(config))
+  if replicate_params:
+    divisor = len(devices)
+  else:
+    divisor = parallel.batch_size_divisor(parallel.make_mesh(dict(config.mesh), devices=devices), config_rules(config))
   unit = 1 if sample else config.get("grad_accum_steps", 1)
   per_chip = [int(p) for p in points]
   if len(per_chip) != 2 or not 0 < per_chip[0] < per_chip[1] or any(p % unit for p in per_chip):
     raise ValueError(f"--fit_points takes two increasing per-chip batch sizes, multiples of {unit}, got {points}.")
-  compile_at = functools.partial(compile_for, config, topology, sample=sample, devices=devices, clip=clip)
+  compile_at = functools.partial(compile_for, config, topology, sample=sample, devices=devices, clip=clip,
+                                 replicate_params=replicate_params)
   measured, fixed = [], 0.0
   for b in per_chip:
     pc = compile_at(batch_size=b * divisor)[0]["per_chip_bytes"]
@@ -321,7 +343,7 @@ def format_table(result: dict, topology, config, sample: bool, program: Program 
 
   pc = result["per_chip_bytes"]
   rows = [("program", f"{config.stage} {'sampling loop' if sample else 'train step'}, batch {config.batch_size}"),
-          ("topology", f"{topology} ({result['chips']} chips, {dict(config.mesh)})"),
+          ("topology", f"{topology} ({result['chips']} chips, mesh {program.mesh if program else dict(config.mesh)})"),
           ("params", f"{result['params']:,}"),
           ("per chip: arguments", size(pc["arguments"])), ("per chip: outputs", size(pc["outputs"])),
           ("per chip: temps", size(pc["temps"])), ("per chip: total", size(pc["total"])),
@@ -370,11 +392,13 @@ def main(argv):
       raise RuntimeError("libtpu is not installed; pip install -r requirements-dev.txt (it pins libtpu).")
     clip = clip_shapes(config, _CLIP.value)
     train_loop.make_optimizer(config)
-    result, program = compile_for(config, topology, sample=_SAMPLE.value, clip=clip)
+    result, program = compile_for(config, topology, sample=_SAMPLE.value, clip=clip,
+                                  replicate_params=_REPLICATE.value)
     print(format_table(result, topology, config, _SAMPLE.value, program))
     fit = None
     if _FIT_BATCH.value:
-      fit = fit_batch(config, topology, _FIT_POINTS.value, sample=_SAMPLE.value, clip=clip)
+      fit = fit_batch(config, topology, _FIT_POINTS.value, sample=_SAMPLE.value, clip=clip,
+                      replicate_params=_REPLICATE.value)
       print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.3f} MiB "
             f"x per-chip batch (compiled at {fit['per_chip_batches']}); checked per-chip batches "
             f"{[c[0] for c in fit['checks']]}")
