@@ -1,12 +1,14 @@
 """diffusers PriorTransformer (safetensors + config.json, e.g. Karlo's prior/
 folder) -> our DiffusionPrior config and variables {'params', 'stats'}."""
 
+import dataclasses
 import json
 import os
 
 import jax
 import numpy as np
 
+from unclip_jax.convert import scan_layout
 from unclip_jax.convert.common import ConversionError, TensorReader, linear, load_safetensors
 from unclip_jax.models import prior as prior_lib
 
@@ -44,7 +46,8 @@ def config_from_diffusers(cfg: dict) -> prior_lib.PriorConfig:
 
 
 def convert_state_dict(state_dict: dict, config: prior_lib.PriorConfig, source: str = "PriorTransformer"):
-  """Maps diffusers tensor names onto our variables, checked against the model's shapes."""
+  """Maps diffusers tensor names onto our variables, checked against the model's shapes; the
+  blocks are stacked if config.scan_layers."""
   reader = TensorReader(state_dict, source)
   p = ("params",)
 
@@ -82,9 +85,10 @@ def convert_state_dict(state_dict: dict, config: prior_lib.PriorConfig, source: 
   reader.put(("stats", "clip_mean"), "clip_mean", lambda a: a.reshape(-1))
   reader.put(("stats", "clip_std"), "clip_std", lambda a: a.reshape(-1))
 
-  target = jax.eval_shape(lambda: prior_lib.init_variables(config, jax.random.key(0)))
+  unscanned = dataclasses.replace(config, scan_layers=False)  # diffusers' one-per-layer names
+  target = jax.eval_shape(lambda: prior_lib.init_variables(unscanned, jax.random.key(0)))
   variables = reader.finish(target)
-  return jax.tree.map(np.asarray, variables)
+  return scan_layout.match_layout(jax.tree.map(np.asarray, variables), config)
 
 
 def load_diffusers_prior(path: str):

@@ -8,6 +8,7 @@ replaced by "_", so the tensor for each of our leaves is found by renaming;
 TensorReader then names every missing, mis-shaped or unused tensor.
 """
 
+import dataclasses
 import json
 import os
 from typing import Optional
@@ -15,6 +16,7 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import traverse_util
 
+from unclip_jax.convert import scan_layout
 from unclip_jax.convert.common import ConversionError, TensorReader, conv2d, linear, load_safetensors
 from unclip_jax.models import unet as unet_lib
 
@@ -181,8 +183,8 @@ def _fill(reader: TensorReader, target):
 
 def convert_state_dicts(cfg: unet_lib.UNetConfig, unet_state: dict, text_proj_state: Optional[dict] = None,
                         *, source: str = "diffusers U-Net"):
-  """Our params for `cfg` from diffusers state dicts (numpy arrays by name)."""
-  target = dict(unet_lib.param_shapes(cfg))
+  """Our params for `cfg` from diffusers state dicts (numpy arrays by name); stacked if cfg.scan_layers."""
+  target = dict(unet_lib.param_shapes(dataclasses.replace(cfg, scan_layers=False)))  # diffusers' one-per-layer names
   tp_target = target.pop("text_proj", None)
   if (tp_target is None) != (text_proj_state is None):
     raise ConversionError("The config has a text projection but no text_proj weights were given, or the reverse.")
@@ -193,7 +195,7 @@ def convert_state_dicts(cfg: unet_lib.UNetConfig, unet_state: dict, text_proj_st
     tp_reader = TensorReader(text_proj_state, "diffusers UnCLIPTextProjModel")
     _fill(tp_reader, tp_target)
     params["text_proj"] = tp_reader.finish(tp_target)
-  return _cast(params, cfg)
+  return scan_layout.match_layout(_cast(params, cfg), cfg)
 
 
 def _cast(params, cfg):

@@ -40,6 +40,7 @@ class PriorConfig:
   mlp_ratio: int = 4
   dropout: float = 0.0
   layer_norm_eps: float = 1e-5
+  scan_layers: bool = False  # one nn.scan over the blocks (params "blocks/..." stacked [num_layers, ...])
 
   def __post_init__(self):
     if self.width % self.num_heads:
@@ -61,8 +62,8 @@ def karlo_config() -> PriorConfig:
 
 
 def paper_config() -> PriorConfig:
-  """The paper's 1B diffusion prior: width 2048, 24 layers."""
-  return PriorConfig(num_layers=24)
+  """The paper's 1B diffusion prior: width 2048, 24 layers, scanned (see scan_layers)."""
+  return PriorConfig(num_layers=24, scan_layers=True)
 
 
 def attention_bias(mask, num_extra_tokens: int):
@@ -93,9 +94,13 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN Transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with exact GELU."""
+  """Pre-LN Transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with exact GELU.
+
+  With scanned=True it is an nn.scan step: returns (x, None).
+  """
   config: PriorConfig
   dtype: jnp.dtype = jnp.float32
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool = True):
@@ -105,7 +110,8 @@ class Block(nn.Module):
     x = x + drop(SelfAttention(cfg.num_heads, self.dtype, name="attn1")(norm("norm1")(x), bias))
     h = nn.Dense(cfg.mlp_ratio * cfg.width, dtype=self.dtype, name="ff_in")(norm("norm3")(x))
     h = drop(nn.gelu(h, approximate=False))
-    return x + drop(nn.Dense(cfg.width, dtype=self.dtype, name="ff_out")(h))
+    x = x + drop(nn.Dense(cfg.width, dtype=self.dtype, name="ff_out")(h))
+    return (x, None) if self.scanned else x
 
 
 class DiffusionPrior(nn.Module):
@@ -152,8 +158,13 @@ class DiffusionPrior(nn.Module):
     if cfg.norm_in:
       h = norm("norm_in")(h)
     bias = attention_bias(mask, cfg.num_extra_tokens)
-    for i in range(cfg.num_layers):
-      h = Block(cfg, self.dtype, name=f"block_{i}")(h, bias, deterministic)
+    if cfg.scan_layers:  # one traced block instead of num_layers: a program (and compile time) 1/L the size
+      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
+      h, _ = blocks(cfg, self.dtype, scanned=True, name="blocks")(h, bias, deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        h = Block(cfg, self.dtype, name=f"block_{i}")(h, bias, deterministic)
     h = norm("norm_out")(h)
     # The final query reads the whole sequence; without it, the noised-latent token does.
     out = h[:, -1] if cfg.prd_token else h[:, cfg.num_text_tokens + 2]  # [B, W]

@@ -18,10 +18,13 @@ models Karlo ships:
 Parameter names follow diffusers' module names with "." before an index
 replaced by "_" (down_blocks_0/resnets_1/conv1), so the converter in
 unclip_jax/convert/diffusers_unet.py is a renaming plus transposes.
-Layout is NHWC throughout.
+Layout is NHWC throughout. With config.scan_layers, each block's runs of
+identical layers (unet_config.layer_runs) run as one nn.scan with stacked
+params (`layers_{a}_to_{b}/resnets/...`): a smaller program that compiles
+faster; unclip_jax/convert/scan_layout.py converts between the layouts.
+The configs live in unet_config.py (re-exported here).
 """
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -30,94 +33,21 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.models.layers import GroupNorm, TimestepMLP, dot_product_attention, timestep_embedding
+from unclip_jax.models.unet_config import (  # noqa: F401 (re-exported: callers keep using unet_lib.UNetConfig etc.)
+  CONFIGS,
+  TextProjConfig,
+  UNetConfig,
+  karlo_decoder,
+  karlo_super_res,
+  layer_runs,
+  paper_decoder,
+  paper_sr_64_256,
+  paper_sr_256_1024,
+  scan_name,
+)
 
 # diffusers' Attention builds its GroupNorm with this eps whatever the resnets use.
 ATTENTION_NORM_EPS = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class TextProjConfig:
-  """UnCLIPTextProjModel: z_i / z_t width, text-token width and extra tokens."""
-  clip_dim: int = 768
-  text_dim: Optional[int] = None  # width of the text-token encodings; None: clip_dim
-  extra_tokens: int = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-  """Shapes and options of one U-Net (see the named configs at the bottom)."""
-  block_channels: tuple[int, ...] = (320, 640, 960, 1280)
-  layers_per_block: int = 3
-  attention_levels: tuple[bool, ...] = (False, True, True, True)  # per resolution, high to low
-  mid_attention: bool = True
-  head_dim: int = 64
-  in_channels: int = 3  # channels of x (the noisy image)
-  low_res_channels: int = 0  # upsamplers: channels of the low-res conditioning image
-  out_channels: int = 3  # 6 = eps and variance interpolation ("learned_range")
-  context_dim: Optional[int] = None  # width of the attention context (diffusers' cross_attention_dim)
-  text_proj: Optional[TextProjConfig] = None  # the decoder's CLIP conditioning
-  encoder_hid_dim: Optional[int] = None  # diffusers' optional "text_proj" encoder_hid_proj
-  time_embed_dim: Optional[int] = None  # None: 4 * block_channels[0]
-  scale_shift: bool = True  # resnet_time_scale_shift "scale_shift" (AdaGN) vs "default"
-  norm_groups: int = 32
-  norm_eps: float = 1e-5
-  dropout: float = 0.0
-  flip_sin_to_cos: bool = True
-  freq_shift: float = 0.0
-  dtype: str = "float32"  # compute dtype
-  param_dtype: str = "float32"
-  remat: bool = False  # rematerialise every resnet and attention block in the backward pass
-  attention_impl: Optional[str] = None  # "blocked", "xla", "cudnn"; None: blocked on CPU (layers.dot_product_attention)
-
-  @property
-  def levels(self) -> int:
-    return len(self.block_channels)
-
-  def to_dict(self) -> dict:
-    """JSON-ready (inference checkpoints store it)."""
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "UNetConfig":
-    """Inverse of to_dict; unknown keys are an error that names them."""
-    d = dict(d)
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"Unknown U-Net config keys {unknown}.")
-    for key in ("block_channels", "attention_levels"):
-      if key in d:
-        d[key] = tuple(d[key])
-    if d.get("text_proj") is not None and not isinstance(d["text_proj"], TextProjConfig):
-      d["text_proj"] = TextProjConfig(**d["text_proj"])
-    return cls(**d)
-
-  @property
-  def temb_dim(self) -> int:
-    return self.time_embed_dim or 4 * self.block_channels[0]
-
-  def validate(self) -> "UNetConfig":
-    n = self.levels
-    if n < 1 or self.layers_per_block < 1:
-      raise ValueError("UNetConfig needs at least one level and one layer per block.")
-    if len(self.attention_levels) != n:
-      raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for {n} levels.")
-    for c in self.block_channels:
-      if c % self.norm_groups:
-        raise ValueError(f"block channel count {c} is not divisible by norm_groups={self.norm_groups}.")
-    uses_attention = any(self.attention_levels) or self.mid_attention
-    if uses_attention:
-      if self.context_dim is None:
-        raise ValueError("Attention blocks need context_dim (the width of the text context).")
-      for c, a in zip(self.block_channels, self.attention_levels):
-        if a and c < self.head_dim:
-          raise ValueError(f"head_dim {self.head_dim} is larger than the {c} channels of an attention level.")
-    if self.text_proj is not None and not uses_attention:
-      raise ValueError("text_proj is set but no level has attention to read the context.")
-    if self.low_res_channels < 0 or self.in_channels < 1 or self.out_channels < 1:
-      raise ValueError("in_channels/out_channels must be positive and low_res_channels non-negative.")
-    for name in ("dtype", "param_dtype"):
-      jnp.dtype(getattr(self, name))  # raises TypeError on unknown names
-    return self
 
 
 def _group_norm(groups, eps, dtype, param_dtype, name):
@@ -254,15 +184,20 @@ class DownBlock(nn.Module):
   downsample: bool
   config: UNetConfig
   deterministic: bool = True
+  segments: Optional[tuple] = None  # [start, stop) layer segments, multi-layer ones scanned; None: no scan
 
   @nn.compact
   def __call__(self, h, temb, context, context_mask):
     res, attn = _block_classes(self.config, self.deterministic)
     skips = []
-    for j in range(self.num_layers):
-      h = res(self.out_channels, name=f"resnets_{j}")(h, temb)
+    for a, b in self.segments or [(j, j + 1) for j in range(self.num_layers)]:
+      if b - a > 1:
+        h, ys = _scanned_layers(self, a, b, emit=True)(h, None, temb, context, context_mask)  # ys [b - a, B, H, W, C]
+        skips += list(ys)
+        continue
+      h = res(self.out_channels, name=f"resnets_{a}")(h, temb)
       if self.attention:
-        h = attn(self.out_channels, name=f"attentions_{j}")(h, context, context_mask)
+        h = attn(self.out_channels, name=f"attentions_{a}")(h, context, context_mask)
       skips.append(h)
     if self.downsample:
       h = res(self.out_channels, resample="down", name="downsamplers_0")(h, temb)
@@ -294,20 +229,55 @@ class UpBlock(nn.Module):
   upsample: bool
   config: UNetConfig
   deterministic: bool = True
+  segments: Optional[tuple] = None  # as DownBlock's
 
   @nn.compact
   def __call__(self, h, skips, temb, context, context_mask):
     res, attn = _block_classes(self.config, self.deterministic)
     if len(skips) != self.num_layers:
       raise ValueError(f"UpBlock with {self.num_layers} layers got {len(skips)} skips.")
-    for j in range(self.num_layers):
-      h = jnp.concatenate([h, skips[-1 - j].astype(h.dtype)], axis=-1)
-      h = res(self.out_channels, name=f"resnets_{j}")(h, temb)
+    for a, b in self.segments or [(j, j + 1) for j in range(self.num_layers)]:
+      if b - a > 1:
+        stacked = jnp.stack([skips[-1 - j] for j in range(a, b)])  # [b - a, B, H, W, Cskip], in eating order
+        h, _ = _scanned_layers(self, a, b, emit=False)(h, stacked, temb, context, context_mask)
+        continue
+      h = jnp.concatenate([h, skips[-1 - a].astype(h.dtype)], axis=-1)
+      h = res(self.out_channels, name=f"resnets_{a}")(h, temb)
       if self.attention:
-        h = attn(self.out_channels, name=f"attentions_{j}")(h, context, context_mask)
+        h = attn(self.out_channels, name=f"attentions_{a}")(h, context, context_mask)
     if self.upsample:
       h = res(self.out_channels, resample="up", name="upsamplers_0")(h, temb)
     return h
+
+
+class ScanLayer(nn.Module):
+  """One resnet (+ attention) layer as an nn.scan step: carry h, optional skip to concatenate
+  first (up blocks), output emitted as ys when `emit` (down blocks keep it as a skip)."""
+  out_channels: int
+  attention: bool
+  config: UNetConfig
+  deterministic: bool = True
+  emit: bool = False
+
+  @nn.compact
+  def __call__(self, h, skip, temb, context, context_mask):
+    res, attn = _block_classes(self.config, self.deterministic)
+    x = h if skip is None else jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+    x = res(self.out_channels, name="resnets")(x, temb)
+    if self.attention:
+      x = attn(self.out_channels, name="attentions")(x, context, context_mask)
+    x = x.astype(h.dtype)  # the carry keeps its dtype
+    return x, (x if self.emit else None)
+
+
+def _scanned_layers(block, start: int, stop: int, emit: bool):
+  """Layers start .. stop - 1 of `block` as one scanned ScanLayer: params stacked on a leading
+  [stop - start] axis, one dropout key per layer; remat (if configured) applies inside each step."""
+  scan = nn.scan(ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast if emit else 0, nn.broadcast, nn.broadcast, nn.broadcast),
+                 length=stop - start)
+  return scan(block.out_channels, block.attention, block.config, block.deterministic, emit,
+              name=scan_name(start, stop))
 
 
 def _block_classes(cfg: UNetConfig, deterministic: bool):
@@ -413,16 +383,17 @@ class UNet(nn.Module):
     h = _conv(cfg.block_channels[0], 3, dtype, param_dtype, "conv_in")(h)  # [B, H, W, C0]
     skips = [h]
     det = not train
+    plan = {k: tuple(v) for k, v in layer_runs(cfg).items()} if cfg.scan_layers else {}
     for i, ch in enumerate(cfg.block_channels):
       h, s = DownBlock(ch, cfg.layers_per_block, cfg.attention_levels[i], i < cfg.levels - 1, cfg, det,
-                       name=f"down_blocks_{i}")(h, temb, context, context_mask)
+                       plan.get(f"down_blocks_{i}"), name=f"down_blocks_{i}")(h, temb, context, context_mask)
       skips += s
     h = MidBlock(cfg.block_channels[-1], cfg.mid_attention, cfg, det, name="mid_block")(
         h, temb, context, context_mask)
     for i, ch in enumerate(reversed(cfg.block_channels)):
       level = cfg.levels - 1 - i
       n_skip = cfg.layers_per_block + 1
-      h = UpBlock(ch, n_skip, cfg.attention_levels[level], level > 0, cfg, det,
+      h = UpBlock(ch, n_skip, cfg.attention_levels[level], level > 0, cfg, det, plan.get(f"up_blocks_{i}"),
                   name=f"up_blocks_{i}")(h, tuple(skips[-n_skip:]), temb, context, context_mask)
       skips = skips[:-n_skip]
     h = nn.silu(_group_norm(cfg.norm_groups, cfg.norm_eps, dtype, param_dtype, "conv_norm_out")(h))
@@ -460,61 +431,3 @@ def param_shapes(cfg: UNetConfig):
   x, t, kw = dummy_inputs(cfg)
   return jax.eval_shape(lambda: UNet(cfg).init(jax.random.PRNGKey(0), x, t, **kw))["params"]
 
-
-# ---------------------------------------------------------------------------
-# Named configs.
-
-
-def karlo_decoder(**overrides) -> UNetConfig:
-  """Karlo's 64 px decoder as diffusers builds it (DECODER_CONFIG + UnCLIPTextProjModel).
-  Dropout is 0 as in diffusers' config; Karlo trained with 0.1 (pass dropout=0.1 to fine-tune)."""
-  cfg = UNetConfig(block_channels=(320, 640, 960, 1280), layers_per_block=3,
-                   attention_levels=(False, True, True, True), mid_attention=True, head_dim=64,
-                   in_channels=3, out_channels=6, context_dim=1536, scale_shift=True,
-                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4))
-  return dataclasses.replace(cfg, **overrides)
-
-
-def karlo_super_res(**overrides) -> UNetConfig:
-  """Karlo's 64 -> 256 upsampler (super_res_first and super_res_last share it):
-  a UNet2DModel with default (additive) time conditioning and no attention."""
-  cfg = UNetConfig(block_channels=(320, 640, 960, 1280), layers_per_block=3,
-                   attention_levels=(False,) * 4, mid_attention=False, in_channels=3, low_res_channels=3,
-                   out_channels=3, scale_shift=False)
-  return dataclasses.replace(cfg, **overrides)
-
-
-def paper_decoder(**overrides) -> UNetConfig:
-  """The paper's 3.5B decoder (Table 3): 512 ch x (1, 2, 3, 4), 3 res blocks,
-  attention at 32/16/8 with 64-channel heads, dropout 0.1, learned variance.
-  The context width is not given; 2048 (GLIDE's text width) is our choice."""
-  cfg = UNetConfig(block_channels=(512, 1024, 1536, 2048), layers_per_block=3,
-                   attention_levels=(False, True, True, True), mid_attention=True, head_dim=64,
-                   in_channels=3, out_channels=6, context_dim=2048, scale_shift=True, dropout=0.1,
-                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4))
-  return dataclasses.replace(cfg, **overrides)
-
-
-def paper_sr_64_256(**overrides) -> UNetConfig:
-  """The paper's 64 -> 256 upsampler: 320 ch x (1, 2, 3, 4), 3 res blocks, no attention, dropout 0.1."""
-  cfg = UNetConfig(block_channels=(320, 640, 960, 1280), layers_per_block=3,
-                   attention_levels=(False,) * 4, mid_attention=False, in_channels=3, low_res_channels=3,
-                   out_channels=3, scale_shift=True, dropout=0.1)
-  return dataclasses.replace(cfg, **overrides)
-
-
-def paper_sr_256_1024(**overrides) -> UNetConfig:
-  """The paper's 256 -> 1024 upsampler: 192 ch x (1, 1, 2, 2, 4, 4), 2 res blocks, no attention."""
-  cfg = UNetConfig(block_channels=(192, 192, 384, 384, 768, 768), layers_per_block=2,
-                   attention_levels=(False,) * 6, mid_attention=False, in_channels=3, low_res_channels=3,
-                   out_channels=3, scale_shift=True)
-  return dataclasses.replace(cfg, **overrides)
-
-
-CONFIGS = {
-    "karlo_decoder": karlo_decoder,
-    "karlo_super_res": karlo_super_res,
-    "paper_decoder": paper_decoder,
-    "paper_sr_64_256": paper_sr_64_256,
-    "paper_sr_256_1024": paper_sr_256_1024,
-}
