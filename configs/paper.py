@@ -51,7 +51,7 @@ def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
   c.total_steps = _ITERATIONS[stage]
   c.log_every, c.checkpoint_every, c.sample_every = 100, 5000, 5000
   if stage == "prior":
-    c.model = ml_collections.ConfigDict(dict(width=2048, num_layers=24, num_heads=32, scan_layers=True))
+    c.model = ml_collections.ConfigDict(dict(width=2048, num_layers=24, num_heads=32, scan_layers=True, remat=False))
     c.p_uncond = 0.1
     c.resolution = 224  # what CLIP embeds
     c.stats_batches = 16

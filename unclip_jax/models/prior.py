@@ -41,6 +41,7 @@ class PriorConfig:
   dropout: float = 0.0
   layer_norm_eps: float = 1e-5
   scan_layers: bool = False  # one nn.scan over the blocks (params "blocks/..." stacked [num_layers, ...])
+  remat: bool = False  # recompute each block's activations in the backward pass (memory for FLOPs)
 
   def __post_init__(self):
     if self.width % self.num_heads:
@@ -158,13 +159,15 @@ class DiffusionPrior(nn.Module):
     if cfg.norm_in:
       h = norm("norm_in")(h)
     bias = attention_bias(mask, cfg.num_extra_tokens)
+    # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
+    block = nn.remat(Block, static_argnums=(3,), prevent_cse=not cfg.scan_layers) if cfg.remat else Block
     if cfg.scan_layers:  # one traced block instead of num_layers: a program (and compile time) 1/L the size
-      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
       h, _ = blocks(cfg, self.dtype, scanned=True, name="blocks")(h, bias, deterministic)
     else:
       for i in range(cfg.num_layers):
-        h = Block(cfg, self.dtype, name=f"block_{i}")(h, bias, deterministic)
+        h = block(cfg, self.dtype, name=f"block_{i}")(h, bias, deterministic)
     h = norm("norm_out")(h)
     # The final query reads the whole sequence; without it, the noised-latent token does.
     out = h[:, -1] if cfg.prd_token else h[:, cfg.num_text_tokens + 2]  # [B, W]
