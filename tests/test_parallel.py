@@ -184,7 +184,7 @@ def _ff_all_gathers(hlo: str, shapes: set) -> list:
   return found
 
 
-def _compiled_prior_step(mesh, rules) -> str:
+def _compiled_prior_step(mesh, rules, constrain_activations=True) -> str:
   model = prior.DiffusionPrior(PRIOR)
   stats = {"clip_mean": jnp.zeros(PRIOR.clip_dim), "clip_std": jnp.ones(PRIOR.clip_dim)}
 
@@ -200,7 +200,12 @@ def _compiled_prior_step(mesh, rules) -> str:
   init = lambda rng: prior.init_variables(PRIOR, rng)["params"]
   abstract = jax.eval_shape(lambda r: training.init_state(init, tx, r), jax.random.key(0))
   shardings = training.state_shardings(abstract, mesh, rules)
-  step = training.jit_train_step(training.make_train_step(loss_fn, tx, ema_decay=0.9), shardings, mesh, rules)
+  step_fn = training.make_train_step(loss_fn, tx, ema_decay=0.9)
+  if constrain_activations:
+    step = training.jit_train_step(step_fn, shardings, mesh, rules)
+  else:  # what jit_train_step did before parallel.activation_sharding
+    step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
   b, d, t = 8, PRIOR.clip_dim, PRIOR.num_text_tokens
   sharding = parallel.batch_sharding(mesh, rules)
@@ -224,3 +229,29 @@ def test_tensor_parallel_prior_step_never_gathers_a_whole_ff_weight():
   # The check can fail: without the tensor rules the same step gathers the whole weights.
   no_tensor = tuple(rule for rule in parallel.DEFAULT_RULES if rule[1] != "tensor")
   assert set(_ff_all_gathers(_compiled_prior_step(mesh, no_tensor), whole)) == {(64, 256), (256, 64)}
+
+
+def _collectives_of_global_activations(hlo: str, batch: int) -> list:
+  """all-gather / all-reduce results shaped like a whole-batch activation [B, L, W]."""
+  found = []
+  for line in hlo.splitlines():
+    m = re.search(r"=\s*(.*?)\s+(all-gather|all-reduce)(?:-start)?\(", line)
+    if m:
+      for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1)):
+        shape = tuple(int(x) for x in dims.split(",") if x)
+        if len(shape) >= 3 and shape[0] == batch:
+          found.append((m.group(2), shape))
+  return found
+
+
+def test_fsdp_prior_step_gathers_weights_not_activations():
+  """Pure FSDP over 8 devices: activations stay split over the batch (parallel.constrain_batch).
+
+  Unconstrained, XLA's partitioner meets the FSDP-split weights by gathering the
+  activations to the whole batch of 8 and all-reducing them, so per-device
+  memory grows with the device count (found compiling the paper prior for TPU pods).
+  """
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 8})
+  assert not _collectives_of_global_activations(_compiled_prior_step(mesh, parallel.DEFAULT_RULES), 8)
+  unconstrained = _compiled_prior_step(mesh, parallel.DEFAULT_RULES, constrain_activations=False)
+  assert _collectives_of_global_activations(unconstrained, 8)

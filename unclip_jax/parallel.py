@@ -19,11 +19,13 @@ The mesh is laid out by jax's mesh_utils (topology-aware on TPU; plain device
 order on CPU) and, for multislice, as a hybrid ICI x DCN mesh (`make_mesh`).
 """
 
+import contextlib
 import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -312,6 +314,35 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules=DEFAULT_RULES
         (batch_size,) + x.shape[1:], sharding, lambda index: x[where[index[0]]][(slice(None),) + index[1:]])
 
   return jax.tree.map(one, local_batch)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+  """While tracing a step under it, `constrain_batch` pins activations to the batch axes.
+
+  jax's ambient mesh and flax's logical axis rules, the two contexts MaxText
+  traces its steps under; outside them (sampling, tests) models are unconstrained.
+  """
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """x [B, ...] with B split over the batch mesh axes, the other dimensions left to XLA.
+
+  Models call it on the residual stream between blocks. Without it XLA's SPMD
+  partitioner may meet an FSDP-split weight by gathering the activations to the
+  whole global batch (and all-reducing them back) instead of gathering the
+  weight, so per-chip memory grows with the chip count. A no-op unless traced
+  under `activation_sharding`.
+  """
+  rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  axes = _split(mesh, _mesh_axes_for("batch", rules))
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *[P.UNCONSTRAINED] * (x.ndim - 1)))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -97,6 +97,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
 
 
 def jit_train_step(step_fn, shardings: TrainState, mesh, rules=parallel.DEFAULT_RULES):
-  """Explicit in/out shardings; the old state's buffers are donated to the new one."""
-  return jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
+  """Explicit in/out shardings; the old state's buffers are donated to the new one.
+
+  The step is traced under parallel.activation_sharding, so the models' activations
+  stay split over the batch axes (parallel.constrain_batch).
+  """
+
+  def step_on_mesh(state, batch):
+    with parallel.activation_sharding(mesh, rules):
+      return step_fn(state, batch)
+
+  return jax.jit(step_on_mesh, in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)

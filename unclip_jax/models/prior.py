@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax import parallel
 from unclip_jax.models.layers import TimestepMLP, timestep_embedding
 
 # diffusers' additive mask value; kept (not -inf) so that our logits match its.
@@ -111,7 +112,7 @@ class Block(nn.Module):
     x = x + drop(SelfAttention(cfg.num_heads, self.dtype, name="attn1")(norm("norm1")(x), bias))
     h = nn.Dense(cfg.mlp_ratio * cfg.width, dtype=self.dtype, name="ff_in")(norm("norm3")(x))
     h = drop(nn.gelu(h, approximate=False))
-    x = x + drop(nn.Dense(cfg.width, dtype=self.dtype, name="ff_out")(h))
+    x = parallel.constrain_batch(x + drop(nn.Dense(cfg.width, dtype=self.dtype, name="ff_out")(h)))
     return (x, None) if self.scanned else x
 
 
@@ -159,6 +160,7 @@ class DiffusionPrior(nn.Module):
     if cfg.norm_in:
       h = norm("norm_in")(h)
     bias = attention_bias(mask, cfg.num_extra_tokens)
+    h = parallel.constrain_batch(h)  # the residual stream stays split over the batch (FSDP)
     # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
     block = nn.remat(Block, static_argnums=(3,), prevent_cse=not cfg.scan_layers) if cfg.remat else Block
     if cfg.scan_layers:  # one traced block instead of num_layers: a program (and compile time) 1/L the size
@@ -170,7 +172,7 @@ class DiffusionPrior(nn.Module):
         h = block(cfg, self.dtype, name=f"block_{i}")(h, bias, deterministic)
     h = norm("norm_out")(h)
     # The final query reads the whole sequence; without it, the noised-latent token does.
-    out = h[:, -1] if cfg.prd_token else h[:, cfg.num_text_tokens + 2]  # [B, W]
+    out = parallel.constrain_batch(h[:, -1] if cfg.prd_token else h[:, cfg.num_text_tokens + 2])  # [B, W]
     return nn.Dense(cfg.clip_dim, dtype=self.dtype, name="proj_to_clip_embeddings")(out).astype(jnp.float32)
 
 

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unclip_jax import parallel
 from unclip_jax.models.layers import GroupNorm, TimestepMLP, dot_product_attention, timestep_embedding
 from unclip_jax.models.unet_config import (  # noqa: F401 (re-exported: callers keep using unet_lib.UNetConfig etc.)
   CONFIGS,
@@ -96,7 +97,7 @@ class ResBlock(nn.Module):
     h = _conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv2")(h)
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, self.dtype, self.param_dtype, "conv_shortcut")(x)
-    return x.astype(h.dtype) + h
+    return parallel.constrain_batch(x.astype(h.dtype) + h)  # split over the batch between blocks (FSDP)
 
 
 def _upsample_nearest(x):  # [B, H, W, C] -> [B, 2H, 2W, C]
@@ -136,7 +137,7 @@ class AddedKVAttention(nn.Module):
     q, k, v = (y.astype(dtype) for y in (q, k, v))
     o = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, D]
     o = dense(c, name="to_out_0")(o.reshape(b, hgt * wid, n * d))
-    return x.astype(o.dtype) + o.reshape(b, hgt, wid, c)
+    return parallel.constrain_batch(x.astype(o.dtype) + o.reshape(b, hgt, wid, c))
 
 
 class TextProj(nn.Module):
