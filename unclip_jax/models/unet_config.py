@@ -176,12 +176,12 @@ def paper_decoder(**overrides) -> UNetConfig:
   """The paper's 3.5B decoder (Table 3): 512 ch x (1, 2, 3, 4), 3 res blocks,
   attention at 32/16/8 with 64-channel heads, dropout 0.1, learned variance.
   The context width is not given; 2048 (GLIDE's text width) is our choice.
-  Scanned: its runs of identical layers compile ~20% faster so (docs/scaling.md); the upsamplers'
-  shorter, attention-free runs compiled slower scanned on CPU, so they stay unscanned."""
+  Unscanned, as the upsamplers: with runs of only 2-3 identical layers, scan_layers=True did not
+  make the CPU compile cheaper (docs/scaling.md)."""
   cfg = UNetConfig(block_channels=(512, 1024, 1536, 2048), layers_per_block=3,
                    attention_levels=(False, True, True, True), mid_attention=True, head_dim=64,
                    in_channels=3, out_channels=6, context_dim=2048, scale_shift=True, dropout=0.1,
-                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4), scan_layers=True)
+                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4))
   return dataclasses.replace(cfg, **overrides)
 
 
