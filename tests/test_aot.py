@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from absl.testing import flagsaver
+from absl import flags
 
 from configs import shapes
 from unclip_jax import aot, hlo_stats, tpu_chips
@@ -71,10 +71,11 @@ def test_json_keys(compiled, tmp_path):
 ])
 def test_cli_errors_are_one_line(topology, message):
   argv = ["aot", "--config", "configs/shapes.py:prior,tiny", "--topology", topology]
-  with flagsaver.flagsaver():
-    aot.parse_flags(argv)
-    with pytest.raises(SystemExit) as exit_info:
-      aot.main(argv[:1])
+  flag_values = flags.FlagValues()  # the CLI's own flags, apart from the process's (sample.py's, ...)
+  aot.define_flags(flag_values)
+  aot.parse_flags(argv, flag_values)
+  with pytest.raises(SystemExit) as exit_info:
+    aot.main(argv[:1], flag_values)
   assert str(exit_info.value).startswith(message) and "\n" not in str(exit_info.value), exit_info.value
 
 

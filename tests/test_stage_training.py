@@ -196,7 +196,7 @@ def test_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, shapes_
   tfds_data = ml_collections.ConfigDict(dict(kind="tfds", name="coco_captions", split="train", image_key="image",
                                              caption_key="captions/text", data_dir=None, seed=0))
   with tfds.testing.mock_data(num_examples=16):  # it mocks file access too: read the batch, then leave
-    tfds_batch = next(sources.make_batches(tfds_data, config.batch_size, config.resolution)(0, 0, 1))
+    tfds_batch = next(sources.make_batches(tfds_data, config.batch_size, config.resolution)(0))
   stage, shapes_batches = build.build(config, str(tmp_path))
   seen = []
 

@@ -8,7 +8,7 @@ What compiles is what train.py runs: the stage's loss, train_loop.make_optimizer
 training.make_train_step / jit_train_step, shardings from the config's mesh and
 logical_axis_rules; only the inputs are abstract (jax.ShapeDtypeStruct on a mesh
 of libtpu's compile-only devices), so nothing is allocated. The stage is built
-on a stand-in CLIP with the real CLIP's dimensions (`--clip`), which encodes to
+on a stand-in CLIP with the real CLIP's dimensions (`--clip_dims`), which encodes to
 zeros: the train step never calls CLIP (train.py encodes on the host).
 """
 
@@ -31,19 +31,25 @@ from unclip_jax import hlo_stats, parallel, tpu_chips, train_loop, training
 from unclip_jax.diffusion import schedules
 from unclip_jax.models import clip as clip_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, e.g. configs/paper.py:decoder.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2, v6e:8x8.")
-_SAMPLE = flags.DEFINE_bool("sample", False, "Compile the stage's sampling loop (one batch) instead of the train step.")
-_FIT_BATCH = flags.DEFINE_bool("fit_batch", False, "Also find the largest global batch that fits: two compiles at "
-                               "per-chip batches --fit_points, memory = a + b * batch, then up to 3 check compiles.")
-_FIT_POINTS = flags.DEFINE_list("fit_points", ["4", "8"], "The two per-chip batch sizes --fit_batch compiles at.")
-_REPLICATE = flags.DEFINE_bool("replicate_params", False, "With --sample: params whole on every chip and the batch "
-                               "split over all chips, as sample.py runs (default: the config's mesh and rules, as "
-                               "the train loop's sample grids run).")
-_CLIP = flags.DEFINE_string("clip", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS, or auto: from config.clip_dir's "
-                            "config.json if there is one, else ViT-L/14's (768,768,77).")
-_JSON = flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """The CLI's flags, defined only when run as a program: importing the library (tests,
+  notebooks) must not claim flag names that sample.py or train.py also define."""
+  fv = {"flag_values": flag_values}
+  config_flags.DEFINE_config_file("config", None, "Config file and argument, e.g. configs/paper.py:decoder.",
+                                  lock_config=True, **fv)
+  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2, v6e:8x8.", **fv)
+  flags.DEFINE_bool("sample", False, "Compile the stage's sampling loop (one batch) instead of the train step.", **fv)
+  flags.DEFINE_bool("fit_batch", False, "Also find the largest global batch that fits: two compiles at per-chip "
+                    "batches --fit_points, memory = a + b * batch, then up to 3 check compiles.", **fv)
+  flags.DEFINE_list("fit_points", ["4", "8"], "The two per-chip batch sizes --fit_batch compiles at.", **fv)
+  flags.DEFINE_bool("replicate_params", False, "With --sample: params whole on every chip and the batch split over "
+                    "all chips, as sample.py runs (default: the config's mesh and rules, as the train loop's "
+                    "sample grids run).", **fv)
+  flags.DEFINE_string("clip_dims", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS, or auto: from config.clip_dir's "
+                      "config.json if there is one, else ViT-L/14's (768,768,77).", **fv)
+  flags.DEFINE_string("json", None, "Write the report as JSON to this file.", **fv)
+
 
 VIT_L_14 = (768, 768, 77)
 KEYS = ("params", "chips", "per_chip_bytes", "hbm_bytes_per_chip", "fits", "flops_per_step", "model_flops_per_step",
@@ -75,14 +81,14 @@ class ClipShapes:
 
 
 def clip_shapes(config, spec: str = "auto") -> ClipShapes:
-  """--clip: explicit dims, or the dims of config.clip_dir's CLIP, or ViT-L/14's."""
+  """--clip_dims: explicit dims, or the dims of config.clip_dir's CLIP, or ViT-L/14's."""
   if spec != "auto":
     try:
       dims = tuple(int(x) for x in spec.split(","))
     except ValueError:
       dims = ()
     if len(dims) != 3 or min(dims) < 1:
-      raise ValueError(f"--clip must be auto or EMBED,WIDTH,TOKENS (e.g. 768,768,77), got {spec!r}.")
+      raise ValueError(f"--clip_dims must be auto or EMBED,WIDTH,TOKENS (e.g. 768,768,77), got {spec!r}.")
     return ClipShapes(*dims)
   path = os.path.join(config.get("clip_dir") or "", "config.json")
   if config.get("clip_dir") and os.path.isfile(path):
@@ -366,10 +372,10 @@ def write_json(result: dict, path: str):
     f.write("\n")
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values: flags.FlagValues = flags.FLAGS):
   """Flag errors (an unknown config key, a bad override) as one line, as train.py does."""
   try:
-    return flags.FLAGS(argv)
+    return flag_values(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip("'\"")
     if isinstance(e, (AttributeError, KeyError)):
@@ -377,41 +383,43 @@ def parse_flags(argv):
     sys.exit(f"error: {message}")
 
 
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  FLAGS = flag_values
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-  if _CONFIG.value is None or not _TOPOLOGY.value:
+  if FLAGS.config is None or not FLAGS.topology:
     sys.exit("error: --config and --topology are required, e.g. "
              "python -m unclip_jax.aot --config configs/paper.py:decoder --topology v5p:4x4x4")
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # the TPUs are a compile target only
-  config: ml_collections.ConfigDict = _CONFIG.value
+  config: ml_collections.ConfigDict = FLAGS.config
   try:
-    topology = tpu_chips.parse_topology(_TOPOLOGY.value)
+    topology = tpu_chips.parse_topology(FLAGS.topology)
     if not tpu_chips.libtpu_installed():
       raise RuntimeError("libtpu is not installed; pip install -r requirements-dev.txt (it pins libtpu).")
-    clip = clip_shapes(config, _CLIP.value)
+    clip = clip_shapes(config, FLAGS.clip_dims)
     train_loop.make_optimizer(config)
-    result, program = compile_for(config, topology, sample=_SAMPLE.value, clip=clip,
-                                  replicate_params=_REPLICATE.value)
-    print(format_table(result, topology, config, _SAMPLE.value, program))
+    result, program = compile_for(config, topology, sample=FLAGS.sample, clip=clip,
+                                  replicate_params=FLAGS.replicate_params)
+    print(format_table(result, topology, config, FLAGS.sample, program))
     fit = None
-    if _FIT_BATCH.value:
-      fit = fit_batch(config, topology, _FIT_POINTS.value, sample=_SAMPLE.value, clip=clip,
-                      replicate_params=_REPLICATE.value)
+    if FLAGS.fit_batch:
+      fit = fit_batch(config, topology, FLAGS.fit_points, sample=FLAGS.sample, clip=clip,
+                      replicate_params=FLAGS.replicate_params)
       print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.3f} MiB "
             f"x per-chip batch (compiled at {fit['per_chip_batches']}); checked per-chip batches "
             f"{[c[0] for c in fit['checks']]}")
       print(f"fit: largest batch that compiled and fits: {fit['batch_size']} ({fit['per_chip_batch']} per chip)"
             if fit["verified"] else "fit: no checked batch fits")
   except DoesNotFit as e:
-    sys.exit(f"error: does not fit {_TOPOLOGY.value}'s HBM at batch {config.batch_size} (try --fit_batch or a "
+    sys.exit(f"error: does not fit {FLAGS.topology}'s HBM at batch {config.batch_size} (try --fit_batch or a "
              f"smaller --config.batch_size): {e}")
   except (ValueError, RuntimeError, FileNotFoundError) as e:
     sys.exit(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-  if _JSON.value:
-    write_json(dict(result, fit_batch=fit) if fit is not None else result, _JSON.value)
+  if FLAGS.json:
+    write_json(dict(result, fit_batch=fit) if fit is not None else result, FLAGS.json)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)
