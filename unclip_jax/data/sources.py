@@ -20,7 +20,6 @@ from PIL import Image
 from unclip_jax.data import images as images_lib
 from unclip_jax.data import ordering
 from unclip_jax.data import shapes
-from unclip_jax.data.ordering import shuffled_index
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -38,7 +37,7 @@ class RandomAccessSource:
     return len(self.items)
 
   def example_order(self, global_index: int, seed: int) -> int:
-    return shuffled_index(global_index, len(self.items), seed)
+    return ordering.shuffled_index(global_index, len(self.items), seed)
 
   def batches(self, start: int, batch_size: int, resolution: int, *, seed: int = 0,
               rows: np.ndarray | None = None) -> Iterator[dict]:
