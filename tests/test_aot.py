@@ -140,3 +140,41 @@ ENTRY %main () -> f32[8,8] {
   assert hlo_stats._moved_bytes(fusion, comps["body"][1], comps) == 8 * 8 * 4 + 4 + 8 * 8 * 4
   assert stats["extra_bytes"] > 0
   assert not stats["unknown_loops"]
+
+
+def test_fit_batch_solves_the_affine_memory_line(monkeypatch):
+  """fit_batch on a stand-in compiler whose per-chip memory is exactly a + b * per-chip batch: the
+  answer is the largest batch under HBM, from the two fit points and one check; a known point is
+  not compiled again; a point over HBM still counts through XLA's "required" bytes."""
+  topology = tpu_chips.parse_topology(TOPOLOGY)
+  hbm, chips = topology.chip.hbm_bytes, topology.chips
+  fixed, per_example = 2.0 * 2**30, 0.5 * 2**30  # largest per-chip batch: (hbm - fixed) // per_example
+  compiled = []
+
+  def fake_compile(config, topology, *, batch_size, **kw):
+    per_chip = batch_size // chips
+    compiled.append(per_chip)
+    temps = per_example * per_chip
+    if fixed + temps > hbm:
+      raise aot.DoesNotFit(f"RESOURCE_EXHAUSTED: memory required for HLO temporaries ({temps / 2**30:.4f}G) "
+                           "exceeds available HBM")
+    return {"per_chip_bytes": {"arguments": fixed, "outputs": 0, "temps": temps, "total": fixed + temps}}, None
+
+  monkeypatch.setattr(aot, "compile_for", fake_compile)
+  config = shapes.get_config("prior,tiny")
+  config.mesh.update(data=-1, fsdp=1)
+  want = int((hbm - fixed) // per_example)
+
+  fit = aot.fit_batch(config, topology, ["4", "8"])
+  assert compiled == [4, 8, want] and fit["verified"] and fit["per_chip_batch"] == want
+  assert fit["batch_size"] == want * chips and fit["report"]["per_chip_bytes"]["total"] <= hbm
+  assert fit["bytes_fixed"] == pytest.approx(fixed) and fit["bytes_per_example"] == pytest.approx(per_example)
+
+  compiled.clear()  # the config's own batch (8 per chip) was compiled already
+  known = {8 * chips: {"arguments": fixed, "outputs": 0, "temps": 8 * per_example, "total": fixed + 8 * per_example}}
+  assert aot.fit_batch(config, topology, ["4", "8"], known=known)["per_chip_batch"] == want
+  assert compiled == [4, want]
+
+  compiled.clear()  # the second point is over HBM: its required bytes still place it on the line
+  fit = aot.fit_batch(config, topology, ["4", str(2 * want)])
+  assert fit["per_chip_batch"] == want and compiled == [4, 2 * want, want]

@@ -287,13 +287,14 @@ def _required_bytes(error: DoesNotFit, fixed: float) -> float | None:
   return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) + fixed if m else None
 
 
-def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_params=False, max_checks: int = 3
-              ) -> dict:
+def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_params=False, max_checks: int = 3,
+              known: dict | None = None) -> dict:
   """The largest global batch that fits, from two compiles: per-chip memory is affine in the per-chip
   batch (params and optimizer state fixed, activations proportional), so memory = a + b * batch through
   the two points gives the batch; a compile there checks it. Padding makes small batches cost more than
   the line says, so a check that misses refits through its own point (a secant step), at most
-  max_checks times."""
+  max_checks times. known: {global batch: per_chip_bytes} already compiled (e.g. the config's batch),
+  reused where it is a fit point."""
   devices = tpu_chips.compile_only_devices(topology)
   if replicate_params:
     divisor = len(devices)
@@ -305,9 +306,15 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_pa
     raise ValueError(f"--fit_points takes two increasing per-chip batch sizes, multiples of {unit}, got {points}.")
   compile_at = functools.partial(compile_for, config, topology, sample=sample, devices=devices, clip=clip,
                                  replicate_params=replicate_params)
-  measured, fixed = [], 0.0
+  measured, fixed = [], None
   for b in per_chip:
-    pc = compile_at(batch_size=b * divisor)[0]["per_chip_bytes"]
+    try:
+      pc = (known or {}).get(b * divisor) or compile_at(batch_size=b * divisor)[0]["per_chip_bytes"]
+    except DoesNotFit as e:  # XLA says how much it needed: still a point on the line
+      if fixed is None or _required_bytes(e, fixed) is None:
+        raise
+      measured.append((b, _required_bytes(e, fixed)))
+      continue
     measured.append((b, pc["total"]))
     fixed = pc["total"] - pc["temps"]
   (x0, y0), (x1, y1) = measured
@@ -325,7 +332,8 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_pa
     if guess < unit or guess <= best or guess in (x0, x1):
       break
     try:
-      total = compile_at(batch_size=guess * divisor)[0]["per_chip_bytes"]["total"]
+      checked = compile_at(batch_size=guess * divisor)[0]
+      total = checked["per_chip_bytes"]["total"]
     except DoesNotFit as e:
       total = _required_bytes(e, fixed)
     out["checks"].append([guess, total])
@@ -333,7 +341,7 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_pa
       break
     if total <= hbm:
       best = guess
-      out.update(per_chip_batch=guess, batch_size=guess * divisor, verified=True)
+      out.update(per_chip_batch=guess, batch_size=guess * divisor, verified=True, report=checked)
       if total > 0.95 * hbm:
         break
     measured.append((guess, total))
@@ -399,13 +407,21 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
       raise RuntimeError("libtpu is not installed; pip install -r requirements-dev.txt (it pins libtpu).")
     clip = clip_shapes(config, FLAGS.clip_dims)
     train_loop.make_optimizer(config)
-    result, program = compile_for(config, topology, sample=FLAGS.sample, clip=clip,
-                                  replicate_params=FLAGS.replicate_params)
-    print(format_table(result, topology, config, FLAGS.sample, program))
+    try:
+      result, program = compile_for(config, topology, sample=FLAGS.sample, clip=clip,
+                                    replicate_params=FLAGS.replicate_params)
+    except DoesNotFit as e:
+      if not FLAGS.fit_batch:
+        raise
+      result, program = None, None
+      print(f"batch {config.batch_size} does not fit {FLAGS.topology}: {e}")
+    if result is not None:
+      print(format_table(result, topology, config, FLAGS.sample, program))
     fit = None
     if FLAGS.fit_batch:
       fit = fit_batch(config, topology, FLAGS.fit_points, sample=FLAGS.sample, clip=clip,
-                      replicate_params=FLAGS.replicate_params)
+                      replicate_params=FLAGS.replicate_params,
+                      known={config.batch_size: result["per_chip_bytes"]} if result else None)
       print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.3f} MiB "
             f"x per-chip batch (compiled at {fit['per_chip_batches']}); checked per-chip batches "
             f"{[c[0] for c in fit['checks']]}")
@@ -417,6 +433,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   except (ValueError, RuntimeError, FileNotFoundError) as e:
     sys.exit(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
   if FLAGS.json:
+    if result is None:  # the config's batch did not fit; the fit's largest batch is reported in fit_batch
+      result = {"fits": False, "batch_size": config.batch_size}
     write_json(dict(result, fit_batch=fit) if fit is not None else result, FLAGS.json)
 
 

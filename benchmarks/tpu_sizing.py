@@ -1,0 +1,116 @@
+"""How the paper stages fit TPU pods: a table of `python -m unclip_jax.aot --fit_batch` runs.
+
+  python -m benchmarks.tpu_sizing --stages prior,decoder,sr1,sr2 \\
+      --topologies v5e:16x16,v5p:4x4x4,v4:2x4x4 --remat off,on [--timeout 3600]
+  python -m benchmarks.tpu_sizing --table   # only print the table of the results so far
+
+Each case (stage x topology x remat) compiles configs/paper.py's train step for the topology
+(FSDP over every chip, bf16 compute) at the paper's batch and sizes the largest batch that fits
+(`--fit_batch`, fit points at half and all of the paper's per-chip batch, so the paper's batch is
+one of them). Every case runs in its own process and writes its report to
+benchmarks/results/tpu_sizing/STAGE__TOPOLOGY__remat-{on,off}.json; a case whose JSON exists is
+skipped, so a run that a compile outlasts (paper U-Nets take many minutes each on a small CPU)
+can be resumed later. Prints the markdown table that docs/scaling.md shows.
+"""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+from configs import paper
+from unclip_jax import tpu_chips
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tpu_sizing")
+GIB = 2 ** 30
+
+
+def case_path(stage: str, topology: str, remat: bool, results: str = RESULTS) -> str:
+  return os.path.join(results, f"{stage}__{topology.replace(':', '_')}__remat-{'on' if remat else 'off'}.json")
+
+
+def fit_points(stage: str, topology: str) -> str:
+  """Per-chip batches half of and equal to the paper's (so its compile is reused), at least 1 and 2."""
+  per_chip = max(paper.get_config(stage).batch_size // tpu_chips.parse_topology(topology).chips, 2)
+  return f"{per_chip // 2},{per_chip}"
+
+
+def run_case(stage: str, topology: str, remat: bool, timeout: float, results: str = RESULTS) -> str:
+  """Runs one aot sizing in its own process; returns a one-word outcome."""
+  out = case_path(stage, topology, remat, results)
+  if os.path.exists(out):
+    return "cached"
+  command = [sys.executable, "-m", "unclip_jax.aot", "--config", f"configs/paper.py:{stage}", "--topology", topology,
+             f"--config.model.remat={remat}", "--fit_batch", f"--fit_points={fit_points(stage, topology)}",
+             "--json", out]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  start = time.time()
+  with open(out.replace(".json", ".log"), "w") as log:
+    try:
+      done = subprocess.run(command, check=False, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return f"timeout after {timeout:.0f} s"
+  return f"{'done' if done.returncode == 0 else 'failed'} in {time.time() - start:.0f} s"
+
+
+def _row(path: str) -> str:
+  """One case: per-chip numbers at the paper's batch, or at the largest batch that fits if that one does not."""
+  stage, topology, remat = os.path.basename(path)[:-len(".json")].split("__")
+  with open(path) as f:
+    r = json.load(f)
+  fit = r.get("fit_batch") or {}
+  paper_batch = paper.get_config(stage).batch_size
+  shown, batch = (r, str(paper_batch)) if "per_chip_bytes" in r else (fit.get("report"), f"{fit.get('batch_size')}*")
+  largest = str(fit["batch_size"]) if fit.get("verified") else "none checked"
+  cells = [stage, topology.replace("_", ":"), remat[len("remat-"):], "yes" if r["fits"] else "no", largest, batch]
+  if shown is None:
+    return "| " + " | ".join(cells + ["-"] * 8) + " |"
+  pc, coll = shown["per_chip_bytes"], shown["collective_bytes_per_step"]
+  cells += [f"{pc['arguments'] / GIB:.2f}", f"{pc['temps'] / GIB:.2f}", f"{pc['total'] / GIB:.2f}",
+            f"{shown['hbm_bytes_per_chip'] / GIB:.0f}", f"{shown['flops_per_step']:.3g}",
+            f"{coll['all-gather'] / GIB:.1f} / {coll['reduce-scatter'] / GIB:.1f} / {coll['all-reduce'] / GIB:.1f}",
+            f"{shown['roofline_step_s'] * 1e3:.0f}", f"{shown['mfu_bound']:.2f}"]
+  return "| " + " | ".join(cells) + " |"
+
+
+def table(results: str = RESULTS) -> str:
+  """Markdown; a batch marked * is the largest that fits, shown because the paper's does not."""
+  head = ("| stage | topology | remat | paper batch fits | largest batch | batch shown | args GiB | temps GiB | "
+          "total GiB | HBM GiB | FLOPs/chip | all-gather / reduce-scatter / all-reduce GiB/chip | roofline ms | "
+          "MFU bound |\n|" + "---|" * 14)
+  return "\n".join([head] + [_row(p) for p in sorted(glob.glob(os.path.join(results, "*.json")))])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--stages", default="prior,decoder,sr1,sr2")
+  parser.add_argument("--topologies", default="v5e:16x16,v5p:4x4x4,v4:2x4x4")
+  parser.add_argument("--remat", default="off,on", help="off, on or off,on")
+  parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
+  parser.add_argument("--results", default=RESULTS)
+  parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
+  args = parser.parse_args()
+  if not args.table:
+    try:
+      for stage in args.stages.split(","):
+        paper.get_config(stage)
+      for topology in args.topologies.split(","):
+        tpu_chips.parse_topology(topology)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    if not set(args.remat.split(",")) <= {"off", "on"}:
+      sys.exit(f"error: --remat takes off, on or off,on, got {args.remat!r}")
+    os.makedirs(args.results, exist_ok=True)
+    for stage in args.stages.split(","):
+      for topology in args.topologies.split(","):
+        for remat in args.remat.split(","):
+          outcome = run_case(stage, topology, remat == "on", args.timeout, args.results)
+          print(f"{stage} {topology} remat {remat}: {outcome}", flush=True)
+  print(table(args.results))
+
+
+if __name__ == "__main__":
+  main()
