@@ -211,7 +211,8 @@ def compile_sampler(config, stage, mesh, rules, batch_size: int, replicate_param
   inputs = {k: batch[k] for k in keys}
   key_dtype = jax.random.key(0).dtype
   rng = jax.ShapeDtypeStruct((batch_size * rows,), key_dtype, sharding=split)
-  lowered = jax.jit(fn, out_shardings=split).lower(params, inputs, rng)
+  with parallel.activation_sharding(mesh, rules):  # as the train step: activations stay batch-split
+    lowered = jax.jit(fn, out_shardings=split).lower(params, inputs, rng)
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
