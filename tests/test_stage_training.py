@@ -13,6 +13,7 @@ import pytest
 
 from configs import shapes
 from unclip_jax import checkpoints, parallel, train_loop, training
+from unclip_jax.convert import scan_layout
 from unclip_jax.data import shapes as shapes_data
 from unclip_jax.data import ordering, sources
 from unclip_jax.models import clip as clip_lib
@@ -216,3 +217,57 @@ def test_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, shapes_
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))
   size = config.get("decoder_resolution", config.resolution)
   assert grid.shape[1] == stage.grid_columns * (size + 2) + 2  # whole [original, sample, ...] groups per row
+
+
+def test_resume_converts_a_checkpoint_of_the_other_scan_layout(tmp_path, shapes_clip_dir):
+  """A run checkpointed unscanned resumes through train() with scan_layers=True (configs/paper.py's prior
+  scans since), and a scanned checkpoint restores unscanned: params, EMA and Adam moments arrive converted
+  bit for bit."""
+  def setup(scan: bool):
+    config = shapes.get_config("prior,tiny")
+    config.update(clip_dir=shapes_clip_dir, total_steps=2, checkpoint_every=1, sample_every=0)
+    config.model.scan_layers = scan
+    return config, *build.build(config, str(tmp_path / "run"))
+
+  def assert_converted(got, want, convert):
+    want = jax.device_get(training.map_param_trees(want, convert))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+
+  # An unscanned run's checkpoint at step 2: Adam moments and EMA away from their initial values.
+  config, plain_stage, _ = setup(False)
+  tx, _ = train_loop.make_optimizer(config)
+
+  @jax.jit
+  def two_steps_on(rng):
+    state = training.init_state(plain_stage.init_params, tx, rng)
+    for i in range(2):  # random gradients
+      keys = iter(jax.random.split(jax.random.fold_in(rng, i), len(jax.tree.leaves(state.params))))
+      grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=jax.tree.map(lambda e, p: 0.5 * (e + p), state.ema_params, params))
+    return state
+
+  unscanned = two_steps_on(jax.random.key(0))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "run"), save_every=1, async_save=False)
+  ckpt.save(2, unscanned, {"position": 2 * config.batch_size})
+  ckpt.close()
+  # The same workdir, now scanned: train() restores step 2 converted (and has no step left to run).
+  config, stage, batches = setup(True)
+  scanned = train_loop.train(config, str(tmp_path / "run"), stage, batches)
+  assert int(scanned.step) == 2 and "blocks" in scanned.params
+  assert_converted(scanned, unscanned, lambda p: scan_layout.to_scanned(p, stage.model_config))
+
+  # Back: a scanned checkpoint into the unscanned config.
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "scanned"), save_every=1, async_save=False)
+  ckpt.save(2, scanned, {"position": 0})
+  mesh = parallel.make_mesh(dict(config.mesh))
+  init = plain_stage.init_params
+  abstract = training.abstract_state(init, tx, jax.random.key(0),
+                                     training.create_train_state(init, tx, jax.random.key(0), mesh)[1])
+  restored, meta = train_loop.restore_in_any_layout(ckpt, abstract, plain_stage.model_config, mesh)
+  ckpt.close()
+  assert meta == {"position": 0}
+  assert_converted(restored, scanned, lambda p: scan_layout.to_unscanned(p, plain_stage.model_config))

@@ -26,6 +26,7 @@ from unclip_jax import imaging
 from unclip_jax import optim
 from unclip_jax import parallel
 from unclip_jax import training
+from unclip_jax.convert import scan_layout
 
 
 class Stage(Protocol):
@@ -109,6 +110,36 @@ def make_optimizer(config: ml_collections.ConfigDict):
   return tx, lr
 
 
+def _model_config(stage):
+  """The stage's PriorConfig or UNetConfig (what scan_layout reads), if it has one."""
+  return getattr(stage, "model_config", None) or getattr(stage, "unet_config", None)
+
+
+def restore_in_any_layout(ckpt: checkpoints.Checkpointer, abstract: training.TrainState, model_config, mesh,
+                          rules=parallel.DEFAULT_RULES):
+  """(state, meta) of the latest checkpoint, or None. A checkpoint written before the config's
+  scan_layers was flipped (e.g. configs/paper.py:prior's, now scanned) holds the other layout: it is
+  restored in that layout, sharded by the same rules, and converted (params, EMA, Adam moments)."""
+  try:
+    return ckpt.restore(abstract)
+  except ValueError as e:
+    if model_config is None or not hasattr(model_config, "scan_layers") or "do not match" not in str(e):
+      raise
+    error = e
+  to_saved = scan_layout.to_unscanned if model_config.scan_layers else scan_layout.to_scanned
+  saved = jax.eval_shape(lambda s: training.map_param_trees(s, lambda p: to_saved(p, model_config)), abstract)
+  saved_shardings = training.state_shardings(saved, mesh, rules)
+  try:
+    state, meta = ckpt.restore(jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                            saved, saved_shardings))
+  except ValueError:
+    raise error from None
+  convert = jax.jit(lambda s: training.map_param_trees(s, lambda p: scan_layout.match_layout(p, model_config)),
+                    out_shardings=jax.tree.map(lambda s: s.sharding, abstract))
+  logging.info("Converted the checkpoint's params to scan_layers=%s.", model_config.scan_layers)
+  return convert(state), meta
+
+
 class _DivergenceCheck:
   """Keeps recent per-step losses on device and checks them only when the loop
   syncs anyway (logging, saving), so the check costs no extra host round trip."""
@@ -146,7 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
   ckpt = checkpoints.Checkpointer(workdir, save_every=config.checkpoint_every,
                                   keep=config.get("keep_checkpoints", 3))
   position = 0
-  restored = ckpt.restore(training.abstract_state(stage.init_params, tx, rng, shardings))
+  restored = restore_in_any_layout(ckpt, training.abstract_state(stage.init_params, tx, rng, shardings),
+                                   _model_config(stage), mesh, rules)
   if restored is not None:
     state, meta = restored
     position = meta["position"]

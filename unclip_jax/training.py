@@ -33,6 +33,14 @@ def state_shardings(abstract_state: TrainState, mesh, rules=parallel.DEFAULT_RUL
       rng=parallel.replicated(mesh))
 
 
+def map_param_trees(state: TrainState, fn) -> TrainState:
+  """fn applied to every params-shaped tree of the state: params, EMA and the optimizer's moments."""
+  structure = jax.tree.structure(state.params)
+  is_params = lambda x: jax.tree.structure(x) == structure
+  opt_state = jax.tree.map(lambda x: fn(x) if is_params(x) else x, state.opt_state, is_leaf=is_params)
+  return state.replace(params=fn(state.params), opt_state=opt_state, ema_params=fn(state.ema_params))
+
+
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng,
                        mesh, rules=parallel.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
   """Initialises the state directly into its shardings (never whole on one device)."""
