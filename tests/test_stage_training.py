@@ -242,8 +242,9 @@ def test_resume_converts_a_checkpoint_of_the_other_scan_layout(tmp_path, shapes_
   def two_steps_on(rng):
     state = training.init_state(plain_stage.init_params, tx, rng)
     for i in range(2):  # random gradients
-      keys = iter(jax.random.split(jax.random.fold_in(rng, i), len(jax.tree.leaves(state.params))))
-      grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), state.params)
+      leaves, treedef = jax.tree.flatten(state.params)
+      keys = jax.random.split(jax.random.fold_in(rng, i), len(leaves))
+      grads = treedef.unflatten([jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
