@@ -64,7 +64,7 @@ def _row(path: str) -> str:
   fit = r.get("fit_batch") or {}
   paper_batch = paper.get_config(stage).batch_size
   shown, batch = (r, str(paper_batch)) if "per_chip_bytes" in r else (fit.get("report"), f"{fit.get('batch_size')}*")
-  largest = str(fit["batch_size"]) if fit.get("verified") else "none checked"
+  largest = str(fit["batch_size"]) if fit.get("verified") else ("none checked" if fit else "not sized")
   cells = [stage, topology.replace("_", ":"), remat[len("remat-"):], "yes" if r["fits"] else "no", largest, batch]
   if shown is None:
     return "| " + " | ".join(cells + ["-"] * 8) + " |"
