@@ -161,13 +161,13 @@ def test_fit_batch_solves_the_affine_memory_line(monkeypatch):
   topology = tpu_chips.parse_topology(TOPOLOGY)
   hbm, chips = topology.chip.hbm_bytes, topology.chips
   fixed, per_example = 2.0 * 2**30, 0.5 * 2**30  # largest per-chip batch: (hbm - fixed) // per_example
-  compiled = []
+  compiled, xla_limit = [], [hbm]
 
   def fake_compile(config, topology, *, batch_size, **kw):
     per_chip = batch_size // chips
     compiled.append(per_chip)
     temps = per_example * per_chip
-    if fixed + temps > hbm:
+    if fixed + temps > xla_limit[0]:
       raise aot.DoesNotFit(f"RESOURCE_EXHAUSTED: memory required for HLO temporaries ({temps / 2**30:.4f}G) "
                            "exceeds available HBM")
     return {"per_chip_bytes": {"arguments": fixed, "outputs": 0, "temps": temps, "total": fixed + temps}}, None
@@ -190,3 +190,11 @@ def test_fit_batch_solves_the_affine_memory_line(monkeypatch):
   compiled.clear()  # the second point is over HBM: its required bytes still place it on the line
   fit = aot.fit_batch(config, topology, ["4", str(2 * want)])
   assert fit["per_chip_batch"] == want and compiled == [4, 2 * want, want]
+
+  # XLA refuses below the table's HBM (its usable HBM differs): the refusal is bisected against the
+  # largest batch that fit, and a refused batch is never the answer.
+  compiled.clear()
+  xla_limit[0] = fixed + (want - 3) * per_example
+  fit = aot.fit_batch(config, topology, ["4", "8"])
+  assert compiled[:3] == [4, 8, want] and len(compiled) == 5
+  assert fit["verified"] and 8 < fit["per_chip_batch"] <= want - 3, (fit, compiled)

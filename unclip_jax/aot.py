@@ -293,9 +293,10 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_pa
   """The largest global batch that fits, from two compiles: per-chip memory is affine in the per-chip
   batch (params and optimizer state fixed, activations proportional), so memory = a + b * batch through
   the two points gives the batch; a compile there checks it. Padding makes small batches cost more than
-  the line says, so a check that misses refits through its own point (a secant step), at most
-  max_checks times. known: {global batch: per_chip_bytes} already compiled (e.g. the config's batch),
-  reused where it is a fit point."""
+  the line says, so a check that misses refits through its own point (a secant step); a batch XLA
+  refuses (its usable HBM is not the table's) is bisected against the largest that fit. At most
+  max_checks checks. known: {global batch: per_chip_bytes} already compiled (e.g. the config's
+  batch), reused where it is a fit point."""
   devices = tpu_chips.compile_only_devices(topology)
   if replicate_params:
     divisor = len(devices)
@@ -307,45 +308,57 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_pa
     raise ValueError(f"--fit_points takes two increasing per-chip batch sizes, multiples of {unit}, got {points}.")
   compile_at = functools.partial(compile_for, config, topology, sample=sample, devices=devices, clip=clip,
                                  replicate_params=replicate_params)
-  measured, fixed = [], None
+  hbm = topology.chip.hbm_bytes
+  # fitting: the largest per-chip batch that compiled within HBM; refused: the smallest XLA refused;
+  # bisect: XLA refused a batch whose bytes the table's HBM holds, so the line cannot place it.
+  measured, fixed, fitting, refused, bisect = [], None, 0, None, False
   for b in per_chip:
     try:
       pc = (known or {}).get(b * divisor) or compile_at(batch_size=b * divisor)[0]["per_chip_bytes"]
     except DoesNotFit as e:  # XLA says how much it needed: still a point on the line
-      if fixed is None or _required_bytes(e, fixed) is None:
+      required = None if fixed is None else _required_bytes(e, fixed)
+      if required is None:
         raise
-      measured.append((b, _required_bytes(e, fixed)))
+      measured.append((b, max(required, hbm + 1)))
+      refused, bisect = b, required <= hbm
       continue
     measured.append((b, pc["total"]))
     fixed = pc["total"] - pc["temps"]
+    fitting = b if pc["total"] <= hbm else fitting
   (x0, y0), (x1, y1) = measured
   out = {"per_chip_batches": per_chip, "per_chip_totals": [y0, y1], "bytes_fixed": y0 - (y1 - y0) / (x1 - x0) * x0,
-         "bytes_per_example": (y1 - y0) / (x1 - x0), "checks": [], "per_chip_batch": 0, "batch_size": 0,
-         "verified": False}
-  hbm, best = topology.chip.hbm_bytes, 0
+         "bytes_per_example": (y1 - y0) / (x1 - x0), "checks": [], "per_chip_batch": fitting,
+         "batch_size": fitting * divisor, "verified": fitting > 0}
   for _ in range(max_checks):
     (x0, y0), (x1, y1) = measured[-2:]
     slope = (y1 - y0) / (x1 - x0)
-    if slope <= 0:
+    if bisect:
+      guess = (fitting + refused) // 2
+    elif slope > 0:
+      guess = int((hbm - (y1 - slope * x1)) // slope)
+    else:
       break
-    guess = int((hbm - (y1 - slope * x1)) // slope)
+    guess = min(guess, refused - 1) if refused is not None else guess
     guess -= guess % unit
-    if guess < unit or guess <= best or guess in (x0, x1):
+    if guess <= fitting or guess in (x0, x1):
       break
     try:
       checked = compile_at(batch_size=guess * divisor)[0]
       total = checked["per_chip_bytes"]["total"]
-    except DoesNotFit as e:
-      total = _required_bytes(e, fixed)
+    except DoesNotFit as e:  # XLA's own limit decides; its count may land under the table's HBM
+      checked, total = None, _required_bytes(e, fixed)
+      bisect = total is None or total <= hbm
+      total = None if bisect else total
     out["checks"].append([guess, total])
-    if total is None:
-      break
-    if total <= hbm:
-      best = guess
+    if checked is not None and total <= hbm:
+      fitting = guess
       out.update(per_chip_batch=guess, batch_size=guess * divisor, verified=True, report=checked)
       if total > 0.95 * hbm:
         break
-    measured.append((guess, total))
+    else:
+      refused = guess if refused is None else min(refused, guess)
+    if total is not None:
+      measured.append((guess, total))
   return out
 
 
