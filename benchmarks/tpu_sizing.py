@@ -71,7 +71,8 @@ def _row(path: str) -> str:
   pc, coll = shown["per_chip_bytes"], shown["collective_bytes_per_step"]
   cells += [f"{pc['arguments'] / GIB:.2f}", f"{pc['temps'] / GIB:.2f}", f"{pc['total'] / GIB:.2f}",
             f"{shown['hbm_bytes_per_chip'] / GIB:.0f}", f"{shown['flops_per_step']:.3g}",
-            f"{coll['all-gather'] / GIB:.1f} / {coll['reduce-scatter'] / GIB:.1f} / {coll['all-reduce'] / GIB:.1f}",
+            " / ".join(f"{coll[kind] / GIB:.1f}" for kind in ("all-gather", "reduce-scatter", "all-reduce",
+                                                            "collective-permute")),
             f"{shown['roofline_step_s'] * 1e3:.0f}", f"{shown['mfu_bound']:.2f}"]
   return "| " + " | ".join(cells) + " |"
 
@@ -79,7 +80,8 @@ def _row(path: str) -> str:
 def table(results: str = RESULTS) -> str:
   """Markdown; a batch marked * is the largest that fits, shown because the paper's does not."""
   head = ("| stage | topology | remat | paper batch fits | largest batch | batch shown | args GiB | temps GiB | "
-          "total GiB | HBM GiB | FLOPs/chip | all-gather / reduce-scatter / all-reduce GiB/chip | roofline ms | "
+          "total GiB | HBM GiB | FLOPs/chip | all-gather / reduce-scatter / all-reduce / permute GiB/chip | "
+          "roofline ms | "
           "MFU bound |\n|" + "---|" * 14)
   return "\n".join([head] + [_row(p) for p in sorted(glob.glob(os.path.join(results, "*.json")))])
 
