@@ -265,9 +265,8 @@ def test_resume_converts_a_checkpoint_of_the_other_scan_layout(tmp_path, shapes_
   ckpt = checkpoints.Checkpointer(str(tmp_path / "scanned"), save_every=1, async_save=False)
   ckpt.save(2, scanned, {"position": 0})
   mesh = parallel.make_mesh(dict(config.mesh))
-  init = plain_stage.init_params
-  abstract = training.abstract_state(init, tx, jax.random.key(0),
-                                     training.create_train_state(init, tx, jax.random.key(0), mesh)[1])
+  state_shapes = jax.eval_shape(lambda r: training.init_state(plain_stage.init_params, tx, r), jax.random.key(0))
+  abstract = training.with_shardings(state_shapes, training.state_shardings(state_shapes, mesh))
   restored, meta = train_loop.restore_in_any_layout(ckpt, abstract, plain_stage.model_config, mesh)
   ckpt.close()
   assert meta == {"position": 0}

@@ -124,10 +124,6 @@ def config_rules(config) -> tuple:
   return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules)
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
-
-
 def abstract_batch(stage, config, batch_size: int, sharding) -> dict:
   """The arrays the loss reads (stage.encode_batch's output) as ShapeDtypeStructs of the global batch."""
   example = stage.encode_batch(host_batch(config, 1))
@@ -153,7 +149,7 @@ def compile_train_step(config, stage, mesh, rules, batch_size: int) -> Program:
   start = time.perf_counter()
   state = jax.eval_shape(functools.partial(training.init_state, stage.init_params, tx), rng)
   shardings = training.state_shardings(state, mesh, rules)
-  state = _abstract(state, shardings)
+  state = training.with_shardings(state, shardings)
   batch = abstract_batch(stage, config, batch_size, parallel.batch_sharding(mesh, rules))
   step = training.make_train_step(stage.loss, tx, ema_decay=config.ema_decay, learning_rate=lr,
                                   grad_accum_steps=config.get("grad_accum_steps", 1))
@@ -204,7 +200,7 @@ def compile_sampler(config, stage, mesh, rules, batch_size: int, replicate_param
   params = jax.eval_shape(stage.init_params, jax.random.key(0))
   shardings = (jax.tree.map(lambda _: parallel.replicated(mesh), params) if replicate_params
                else parallel.param_shardings(params, mesh, rules))
-  params = _abstract(params, shardings)
+  params = training.with_shardings(params, shardings)
   split = parallel.batch_sharding(mesh, rules)
   fn, keys, rows = sampler_fn(config, stage)
   batch = abstract_batch(stage, config, batch_size, split)

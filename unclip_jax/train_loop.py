@@ -128,10 +128,8 @@ def restore_in_any_layout(ckpt: checkpoints.Checkpointer, abstract: training.Tra
     error = e
   to_saved = scan_layout.to_unscanned if model_config.scan_layers else scan_layout.to_scanned
   saved = jax.eval_shape(lambda s: training.map_param_trees(s, lambda p: to_saved(p, model_config)), abstract)
-  saved_shardings = training.state_shardings(saved, mesh, rules)
   try:
-    state, meta = ckpt.restore(jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                            saved, saved_shardings))
+    state, meta = ckpt.restore(training.with_shardings(saved, training.state_shardings(saved, mesh, rules)))
   except ValueError:
     raise error from None
   convert = jax.jit(lambda s: training.map_param_trees(s, lambda p: scan_layout.match_layout(p, model_config)),

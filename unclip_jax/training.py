@@ -52,8 +52,12 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
 
 def abstract_state(init_params, tx, rng, shardings: TrainState):
   """ShapeDtypeStructs with shardings: the target for a sharded restore."""
-  state = jax.eval_shape(lambda r: init_state(init_params, tx, r), rng)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+  return with_shardings(jax.eval_shape(lambda r: init_state(init_params, tx, r), rng), shardings)
+
+
+def with_shardings(shapes, shardings):
+  """A tree of shapes (eval_shape's) as ShapeDtypeStructs carrying the matching shardings."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def init_state(init_params, tx, rng) -> TrainState:
