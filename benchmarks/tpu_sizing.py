@@ -8,9 +8,10 @@ Each case (stage x topology x remat) compiles configs/paper.py's train step for 
 (FSDP over every chip, bf16 compute) at the paper's batch and sizes the largest batch that fits
 (`--fit_batch`, fit points at half and all of the paper's per-chip batch, so the paper's batch is
 one of them). Every case runs in its own process and writes its report to
-benchmarks/results/tpu_sizing/STAGE__TOPOLOGY__remat-{on,off}.json; a case whose JSON exists is
-skipped, so a run that a compile outlasts (paper U-Nets take many minutes each on a small CPU)
-can be resumed later. Prints the markdown table that docs/scaling.md shows.
+benchmarks/results/tpu_sizing/STAGE__TOPOLOGY__remat-{on,off}.json; a case whose JSON holds a fit
+is skipped, and every compile's report is kept in benchmarks/results/tpu_sizing/compiles/ (aot
+--cache_dir), so a run that the compiles outlast (paper U-Nets take 30-55 minutes each on a 2-core
+CPU) resumes where it stopped. Prints the markdown table that docs/scaling.md shows.
 """
 
 import argparse
@@ -38,14 +39,17 @@ def fit_points(stage: str, topology: str) -> str:
   return f"{per_chip // 2},{per_chip}"
 
 
-def run_case(stage: str, topology: str, remat: bool, timeout: float, results: str = RESULTS) -> str:
-  """Runs one aot sizing in its own process; returns a one-word outcome."""
+def run_case(stage: str, topology: str, remat: bool, timeout: float, results: str = RESULTS, fit: bool = True) -> str:
+  """Runs one aot sizing in its own process (fit=False: the paper's batch only); returns a one-word outcome."""
   out = case_path(stage, topology, remat, results)
   if os.path.exists(out):
-    return "cached"
+    with open(out) as f:
+      if "fit_batch" in json.load(f) or not fit:
+        return "cached"
   command = [sys.executable, "-m", "unclip_jax.aot", "--config", f"configs/paper.py:{stage}", "--topology", topology,
-             f"--config.model.remat={remat}", "--fit_batch", f"--fit_points={fit_points(stage, topology)}",
-             "--json", out]
+             f"--config.model.remat={remat}", "--json", out, "--cache_dir", os.path.join(results, "compiles")]
+  if fit:
+    command += ["--fit_batch", f"--fit_points={fit_points(stage, topology)}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   start = time.time()
   with open(out.replace(".json", ".log"), "w") as log:
@@ -63,7 +67,7 @@ def _row(path: str) -> str:
     r = json.load(f)
   fit = r.get("fit_batch") or {}
   paper_batch = paper.get_config(stage).batch_size
-  shown, batch = (r, str(paper_batch)) if "per_chip_bytes" in r else (fit.get("report"), f"{fit.get('batch_size')}*")
+  shown, batch = (r, str(paper_batch)) if "per_chip_bytes" in r else (fit.get("report"), f"{fit['batch_size']}*" if fit else "-")
   largest = str(fit["batch_size"]) if fit.get("verified") else ("none checked" if fit else "not sized")
   cells = [stage, topology.replace("_", ":"), remat[len("remat-"):], "yes" if r["fits"] else "no", largest, batch]
   if shown is None:
@@ -83,7 +87,7 @@ def table(results: str = RESULTS) -> str:
           "total GiB | HBM GiB | FLOPs/chip | all-gather / reduce-scatter / all-reduce / permute GiB/chip | "
           "roofline ms | "
           "MFU bound |\n|" + "---|" * 14)
-  return "\n".join([head] + [_row(p) for p in sorted(glob.glob(os.path.join(results, "*.json")))])
+  return "\n".join([head] + [_row(p) for p in sorted(glob.glob(os.path.join(results, "*__*.json")))])
 
 
 def main():
@@ -94,6 +98,8 @@ def main():
   parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
   parser.add_argument("--results", default=RESULTS)
   parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
+  parser.add_argument("--paper_batch_only", action="store_true",
+                      help="one compile per case, at the paper's batch (a first pass; a later fit reuses it)")
   args = parser.parse_args()
   if not args.table:
     try:
@@ -109,7 +115,8 @@ def main():
     for stage in args.stages.split(","):
       for topology in args.topologies.split(","):
         for remat in args.remat.split(","):
-          outcome = run_case(stage, topology, remat == "on", args.timeout, args.results)
+          outcome = run_case(stage, topology, remat == "on", args.timeout, args.results,
+                             fit=not args.paper_batch_only)
           print(f"{stage} {topology} remat {remat}: {outcome}", flush=True)
   print(table(args.results))
 

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for a TPU topology on a machine without TPUs (unclip_jax/aot.py)."""
 
 import json
+import os
 
 import pytest
 from absl import flags
@@ -154,10 +155,11 @@ ENTRY %main () -> f32[8,8] {
   assert not stats["unknown_loops"]
 
 
-def test_fit_batch_solves_the_affine_memory_line(monkeypatch):
+def test_fit_batch_solves_the_affine_memory_line(monkeypatch, tmp_path):
   """fit_batch on a stand-in compiler whose per-chip memory is exactly a + b * per-chip batch: the
   answer is the largest batch under HBM, from the two fit points and one check; a known point is
-  not compiled again; a point over HBM still counts through XLA's "required" bytes."""
+  not compiled again; a point over HBM still counts through XLA's "required" bytes; with a cache
+  directory, every compile (a refusal too) is kept and the same fit again compiles nothing."""
   topology = tpu_chips.parse_topology(TOPOLOGY)
   hbm, chips = topology.chip.hbm_bytes, topology.chips
   fixed, per_example = 2.0 * 2**30, 0.5 * 2**30  # largest per-chip batch: (hbm - fixed) // per_example
@@ -198,3 +200,14 @@ def test_fit_batch_solves_the_affine_memory_line(monkeypatch):
   fit = aot.fit_batch(config, topology, ["4", "8"])
   assert compiled[:3] == [4, 8, want] and len(compiled) == 5
   assert fit["verified"] and 8 < fit["per_chip_batch"] <= want - 3, (fit, compiled)
+
+  compiled.clear()
+  xla_limit[0] = hbm
+  first = aot.fit_batch(config, topology, ["4", str(2 * want)], cache_dir=str(tmp_path))
+  assert first["per_chip_batch"] == want and len(os.listdir(tmp_path)) == len(compiled) == 3
+  compiled.clear()
+  assert aot.fit_batch(config, topology, ["4", str(2 * want)], cache_dir=str(tmp_path)) == first
+  assert compiled == []
+  config.model.width *= 2  # another program: compiled again
+  aot.fit_batch(config, topology, ["4", "8"], cache_dir=str(tmp_path))
+  assert compiled[:2] == [4, 8]

@@ -14,6 +14,8 @@ zeros: the train step never calls CLIP (train.py encodes on the host).
 
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -49,6 +51,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.DEFINE_string("clip_dims", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS, or auto: from config.clip_dir's "
                       "config.json if there is one, else ViT-L/14's (768,768,77).", **fv)
   flags.DEFINE_string("json", None, "Write the report as JSON to this file.", **fv)
+  flags.DEFINE_string("cache_dir", None, "Keep each compile's report here (one JSON per config, topology and "
+                      "batch) and reuse it: a sizing interrupted between compiles resumes where it stopped.", **fv)
 
 
 VIT_L_14 = (768, 768, 77)
@@ -284,15 +288,53 @@ def _required_bytes(error: DoesNotFit, fixed: float) -> float | None:
   return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) + fixed if m else None
 
 
+def compile_key(config, topology, *, batch_size: int, sample: bool, clip: ClipShapes,
+                replicate_params: bool) -> str:
+  """What decides a compile's report: the config at this batch, the target, and jax's and libtpu's versions."""
+  settings = config.to_dict()
+  settings["batch_size"] = batch_size
+  blob = json.dumps({"config": settings, "topology": str(topology), "sample": sample, "clip": dataclasses.astuple(clip),
+                     "replicate_params": replicate_params, "jax": jax.__version__,
+                     "libtpu": importlib.metadata.version("libtpu")}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cached_compile(cache_dir: str, config, topology, *, sample: bool = False, batch_size: int | None = None,
+                   devices=None, clip: ClipShapes | None = None, replicate_params: bool = False):
+  """compile_for's (report, program), or (report, None) from cache_dir when this compile ran before. A
+  refusal (DoesNotFit) is kept too. Paper U-Nets take 30-55 minutes per compile on a small CPU, so a
+  sizing of several compiles must not lose the ones it finished."""
+  batch_size = config.batch_size if batch_size is None else batch_size
+  clip = clip or clip_shapes(config)
+  path = os.path.join(cache_dir, compile_key(config, topology, batch_size=batch_size, sample=sample, clip=clip,
+                                             replicate_params=replicate_params) + ".json")
+  if os.path.exists(path):
+    with open(path) as f:
+      entry = json.load(f)
+    if "does_not_fit" in entry:
+      raise DoesNotFit(entry["does_not_fit"])
+    return entry["report"], None
+  about = {"stage": config.stage, "topology": str(topology), "batch_size": batch_size, "sample": sample}
+  try:
+    result, program = compile_for(config, topology, sample=sample, batch_size=batch_size, devices=devices, clip=clip,
+                                  replicate_params=replicate_params)
+  except DoesNotFit as e:
+    write_json(dict(about, does_not_fit=str(e)), path)
+    raise
+  timing = {"lower_s": program.lower_s, "compile_s": program.compile_s} if program is not None else {}
+  write_json(dict(about, **timing, report=result), path)
+  return result, program
+
+
 def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_params=False, max_checks: int = 3,
-              known: dict | None = None) -> dict:
+              known: dict | None = None, cache_dir: str | None = None) -> dict:
   """The largest global batch that fits, from two compiles: per-chip memory is affine in the per-chip
   batch (params and optimizer state fixed, activations proportional), so memory = a + b * batch through
   the two points gives the batch; a compile there checks it. Padding makes small batches cost more than
   the line says, so a check that misses refits through its own point (a secant step); a batch XLA
   refuses (its usable HBM is not the table's) is bisected against the largest that fit. At most
   max_checks checks. known: {global batch: per_chip_bytes} already compiled (e.g. the config's
-  batch), reused where it is a fit point."""
+  batch), reused where it is a fit point. cache_dir: see cached_compile."""
   devices = tpu_chips.compile_only_devices(topology)
   if replicate_params:
     divisor = len(devices)
@@ -302,7 +344,8 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_pa
   per_chip = [int(p) for p in points]
   if len(per_chip) != 2 or not 0 < per_chip[0] < per_chip[1] or any(p % unit for p in per_chip):
     raise ValueError(f"--fit_points takes two increasing per-chip batch sizes, multiples of {unit}, got {points}.")
-  compile_at = functools.partial(compile_for, config, topology, sample=sample, devices=devices, clip=clip,
+  compiler = functools.partial(cached_compile, cache_dir) if cache_dir else compile_for
+  compile_at = functools.partial(compiler, config, topology, sample=sample, devices=devices, clip=clip,
                                  replicate_params=replicate_params)
   hbm = topology.chip.hbm_bytes
   # fitting: the largest per-chip batch that compiled within HBM; refused: the smallest XLA refused;
@@ -418,8 +461,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     clip = clip_shapes(config, FLAGS.clip_dims)
     train_loop.make_optimizer(config)
     try:
-      result, program = compile_for(config, topology, sample=FLAGS.sample, clip=clip,
-                                    replicate_params=FLAGS.replicate_params)
+      compiler = functools.partial(cached_compile, FLAGS.cache_dir) if FLAGS.cache_dir else compile_for
+      result, program = compiler(config, topology, sample=FLAGS.sample, clip=clip,
+                                 replicate_params=FLAGS.replicate_params)
     except DoesNotFit as e:
       if not FLAGS.fit_batch:
         raise
@@ -430,7 +474,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     fit = None
     if FLAGS.fit_batch:
       fit = fit_batch(config, topology, FLAGS.fit_points, sample=FLAGS.sample, clip=clip,
-                      replicate_params=FLAGS.replicate_params,
+                      replicate_params=FLAGS.replicate_params, cache_dir=FLAGS.cache_dir,
                       known={config.batch_size: result["per_chip_bytes"]} if result else None)
       print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.3f} MiB "
             f"x per-chip batch (compiled at {fit['per_chip_batches']}); checked per-chip batches "
@@ -438,6 +482,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
       print(f"fit: largest batch that compiled and fits: {fit['batch_size']} ({fit['per_chip_batch']} per chip)"
             if fit["verified"] else "fit: no checked batch fits")
   except DoesNotFit as e:
+    if FLAGS.json:  # a refusal is a result too (benchmarks/tpu_sizing.py tabulates it)
+      write_json({"fits": False, "batch_size": config.batch_size, "does_not_fit": str(e)}, FLAGS.json)
     sys.exit(f"error: does not fit {FLAGS.topology}'s HBM at batch {config.batch_size} (try --fit_batch or a "
              f"smaller --config.batch_size): {e}")
   except (ValueError, RuntimeError, FileNotFoundError) as e:
