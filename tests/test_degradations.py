@@ -1,11 +1,13 @@
 """Conditioning augmentation: blur vs SciPy, random-sigma blur, BSR determinism and strength."""
 
 import dataclasses
+import io
 
 import jax
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from PIL import Image
 
 from unclip_jax.data import degradations as deg
 
@@ -36,6 +38,54 @@ def scipy_blur(images, sigma, kernel_size, mode="reflect"):
   """Reference: scipy's Gaussian filter over H and W with the same number of taps."""
   return ndi.gaussian_filter(np.asarray(images, np.float64), sigma, mode=mode, radius=kernel_size // 2,
                              axes=(-3, -2))
+
+
+def reference_bsr(image, seed, out_size, cfg=None):
+  """The BSR chain written plainly on [H, W, C]: direct 2-D correlation in float64, PIL per channel, same draws.
+
+  bsr_degrade computes the same thing planar with a float32 FFT, in-place ops and fewer clips.
+  """
+  cfg = cfg or deg.BSRConfig()
+  rng = np.random.default_rng(seed)
+  x = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+
+  def resize(x, hw, method):
+    if x.shape[:2] == hw:
+      return x
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c])).resize(hw[::-1], deg._RESAMPLE[method]))
+                     for c in range(x.shape[-1])], -1)
+
+  for rnd in range(2):
+    for op in rng.permutation(4) if cfg.shuffle else range(4):
+      if op == 0 and rng.random() < cfg.blur_prob[rnd]:
+        lo, hi = cfg.blur_sigma[rnd]
+        if rng.random() < cfg.anisotropic_prob:
+          (sx, sy), theta = rng.uniform(lo, hi, size=2), rng.uniform(0.0, np.pi)
+        else:
+          sx = sy = rng.uniform(lo, hi)
+          theta = 0.0
+        k = deg.gaussian_kernel_2d(sx, sy, theta, min(2 * int(np.ceil(3.0 * max(sx, sy))) + 1, cfg.max_kernel_size))
+        x = np.stack([ndi.correlate(x[..., c].astype(np.float64), k, mode="reflect") for c in range(x.shape[-1])], -1)
+        x = x.astype(np.float32)
+      elif op == 1:
+        mode = rng.choice(3, p=np.asarray(cfg.resize_probs) / np.sum(cfg.resize_probs))
+        factor = (rng.uniform(*cfg.resize_up[rnd]), rng.uniform(*cfg.resize_down[rnd]), 1.0)[mode]
+        method = cfg.resize_methods[rng.integers(len(cfg.resize_methods))]
+        hw = tuple(max(int(round(n * factor)), int(np.ceil(cfg.min_size_ratio * out_size)), 1) for n in x.shape[:2])
+        x = resize(x, hw, method)
+      elif op == 2 and rng.random() < cfg.noise_prob[rnd]:
+        sigma = rng.uniform(*cfg.noise_sigma[rnd])
+        shape = x.shape[:2] + (1,) if rng.random() < cfg.grey_noise_prob else x.shape
+        x = x + np.float32(sigma) * rng.standard_normal(shape, dtype=np.float32)
+      elif op == 3 and rng.random() < cfg.jpeg_prob[rnd]:
+        lo, hi = cfg.jpeg_quality[rnd]
+        buf = io.BytesIO()
+        Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)).save(
+            buf, format="JPEG", quality=int(rng.integers(lo, hi + 1)))
+        x = np.asarray(Image.open(buf)).astype(np.float32) / 255.0
+      x = np.clip(x, 0.0, 1.0)
+  x = resize(x, (out_size, out_size), cfg.resize_methods[rng.integers(len(cfg.resize_methods))])
+  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8) if image.dtype == np.uint8 else np.clip(x, 0, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -109,6 +159,27 @@ def test_random_sigma_blur():
   np.testing.assert_allclose(np.asarray(point), np.asarray(deg.gaussian_blur(images, 0.6)), atol=1e-7)
 
 
+def test_numpy_taps_match_jax_taps():
+  for sigma, k in [(0.6, 3), (0.4, 3), (1.3, 5), (0.0, 3), (2.0, 9)]:
+    np.testing.assert_allclose(deg.gaussian_taps_np(sigma, k), np.asarray(deg.gaussian_kernel_1d(sigma, k)), atol=1e-7)
+
+
+def test_per_example_keys_give_batch_independent_sigmas():
+  # One key per example (e.g. fold_in(key, example index)): an example's blur does not depend on its batch.
+  images = np.random.default_rng(8).uniform(-1, 1, (6, 10, 10, 3)).astype(np.float32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(np.arange(6))
+  fn = jax.jit(deg.random_gaussian_blur, static_argnames=("sigma_range", "kernel_size"))
+  out, sigmas = fn(keys, images)
+  sub_out, sub_sigmas = fn(keys[2:5], images[2:5])
+  np.testing.assert_array_equal(np.asarray(sub_sigmas), np.asarray(sigmas)[2:5])
+  np.testing.assert_allclose(np.asarray(sub_out), np.asarray(out)[2:5], atol=1e-7)
+  assert float(sigmas[0]) == float(jax.random.uniform(keys[0], (), minval=0.4, maxval=0.8))
+  raw = jax.random.split(jax.random.PRNGKey(0), 6)  # legacy uint32 keys [6, 2]
+  assert fn(raw, images)[1].shape == (6,)
+  with pytest.raises(ValueError):
+    deg.random_gaussian_blur(keys[:3], images)
+
+
 def test_numpy_blur_twin_matches_jax_blur():
   image = np.random.default_rng(5).uniform(0, 1, (13, 15, 3)).astype(np.float32)
   np.testing.assert_allclose(deg.blur_np(image, 0.6, 3), np.asarray(deg.gaussian_blur(image)), atol=1e-6)
@@ -134,7 +205,22 @@ def test_fft_filter_matches_scipy_correlate():
   kernel = deg.gaussian_kernel_2d(2.5, 0.8, 0.6, 13)
   out = deg.filter2d(image, kernel)
   ref = np.stack([ndi.correlate(image[..., c], kernel, mode="reflect") for c in range(3)], -1)
-  np.testing.assert_allclose(out, ref, atol=1e-10)
+  np.testing.assert_allclose(out, ref, atol=1e-10)  # float64 in: the FFT runs in float64
+
+
+@pytest.mark.parametrize("shape,sigmas", [((97, 130, 3), (3.0, 1.0, 0.6)), ((61, 77, 3), (0.3, 0.3, 0.0)),
+                                          ((45, 52, 1), (1.4, 0.4, 2.2))])
+def test_float32_fft_filter_equals_direct_correlation(shape, sigmas):
+  # The speed path: float32 FFT over lengths padded up to 5-smooth sizes (97 + 20 -> 120, 61 + 2 -> 64, ...)
+  # must equal the direct 2-D correlation in float64, with symmetric borders, to 1e-5 on [0, 1] images.
+  image = np.random.default_rng(7).uniform(0, 1, shape).astype(np.float32)
+  sx, sy, theta = sigmas
+  kernel = deg.gaussian_kernel_2d(sx, sy, theta, min(2 * int(np.ceil(3 * max(sx, sy))) + 1, 21))
+  out = deg.filter2d(image, kernel.astype(np.float32))
+  assert out.shape == shape and out.dtype == np.float32
+  ref = np.stack([ndi.correlate(image[..., c].astype(np.float64), kernel, mode="reflect") for c in range(shape[-1])],
+                 -1)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
 def test_jpeg_round_trip_loses_more_at_low_quality():
@@ -197,6 +283,40 @@ def test_bsr_degrades_within_band():
       p = psnr(back, image)
       assert 15.0 < p < 35.0, (img_seed, seed, p)
       assert p < plain_psnr - 0.5, (img_seed, seed, p, plain_psnr)
+
+
+def test_bsr_equals_the_plain_reference_chain():
+  # Same seed, same draws: the planar float32-FFT chain computes what the plain HWC chain with direct
+  # float64 correlation computes. Without JPEG to 1e-5; with JPEG a rounding flip before the codec
+  # could move a block, so allow a few differing values (none seen at these sizes).
+  nojpeg = dataclasses.replace(deg.BSRConfig(), jpeg_prob=(0.0, 0.0))
+  diffs = []
+  for seed in range(6):
+    image = natural_image(seed % 3, 128)
+    np.testing.assert_allclose(deg.bsr_degrade(image, seed, 32, nojpeg), reference_bsr(image, seed, 32, nojpeg),
+                               atol=1e-5)
+    image = np.round(image * 255).astype(np.uint8)
+    diffs.append(np.abs(deg.bsr_degrade(image, seed, 32).astype(int) - reference_bsr(image, seed, 32).astype(int)))
+  diffs = np.stack(diffs)
+  assert np.mean(diffs > 0) < 0.01 and np.mean(diffs) < 0.05, (np.mean(diffs > 0), diffs.max())
+
+
+def test_host_path_leaves_input_alone_and_uses_no_jax(monkeypatch):
+  # Data workers call make_low_res: it must not touch the caller's array (the chain works in place)
+  # nor start a JAX backend (the trainer owns the accelerator).
+  image = natural_image(6, 64)[..., :1].copy()  # [H, W, 1]: its [C, H, W] transpose is a contiguous view
+  before = image.copy()
+
+  class NoJax:
+    def __getattr__(self, name):
+      raise AssertionError(f"host path used jax ({name})")
+
+  monkeypatch.setattr(deg, "jax", NoJax())
+  monkeypatch.setattr(deg, "jnp", NoJax())
+  deg.make_low_res(image, "bsr", 16, seed=0)
+  deg.make_low_res(image, "blur", 16, seed=0, blur_sigma_range=(0.4, 0.8))
+  deg.make_low_res(image, "none", 16)
+  np.testing.assert_array_equal(image, before)
 
 
 def test_bsr_with_every_op_off_is_a_plain_resize():
