@@ -16,6 +16,8 @@ import sys
 from absl import app
 from absl import flags
 
+from unclip_jax import paths
+
 DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_demo")
 STAGES = ("prior", "decoder", "sr1", "sr2")
 
@@ -24,8 +26,9 @@ _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one capti
 _UNCONDITIONAL = flags.DEFINE_bool("unconditional", False, "Sample with the empty caption (no --prompt).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt (text), or variations of --image.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the first image; image k uses seed + k.")
-_OUT = flags.DEFINE_string("out", "samples", "Output folder.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", DEMO_CHECKPOINT, "Inference checkpoint folder.")
+_OUT = flags.DEFINE_string("out", "samples", "Output folder (a local path, or a gs:// or file:// URI).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", DEMO_CHECKPOINT, "Inference checkpoint folder (a local path, or a "
+                                  "gs:// or file:// URI).")
 _CLIP = flags.DEFINE_string("clip", None, "CLIP folder (default: the checkpoint's own).")
 _MODE = flags.DEFINE_enum("mode", "text", ["text", "variations", "interpolate", "textdiff"], "What to make.")
 _IMAGE = flags.DEFINE_string("image", None, "Input image file (variations, interpolate, textdiff).")
@@ -61,8 +64,8 @@ def _prompts() -> list[str]:
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     try:
-      with open(_PROMPTS_FILE.value) as f:
-        prompts += [line.strip() for line in f if line.strip()]
+      lines = paths.as_path(_PROMPTS_FILE.value).read_text().splitlines()
+      prompts += [line.strip() for line in lines if line.strip()]
     except OSError as e:
       _fail(f"cannot read --prompts_file: {e}")
   if _UNCONDITIONAL.value:
@@ -147,6 +150,11 @@ def _stem(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
+def _absolute(path: str) -> str:
+  """For the JSON records: a local path made absolute, a URI (gs://) as given."""
+  return os.fspath(paths.absolute(path))
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])}")
@@ -160,7 +168,7 @@ def main(argv):
   if _CHECKPOINT.value == DEMO_CHECKPOINT and not os.path.isfile(os.path.join(DEMO_CHECKPOINT, "pipeline.json")):
     _fail("the shipped Shapes demo model is not complete in this checkout yet (its stages are being trained "
           "and committed under assets/shapes_demo, issue #7); pass --checkpoint DIR with a checkpoint of your own.")
-  if not os.path.isdir(_CHECKPOINT.value):
+  if not paths.as_path(_CHECKPOINT.value).is_dir():
     _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist.")
 
   import jax
@@ -191,7 +199,7 @@ def main(argv):
       seeds = [seed + j for j in range(_NUM_IMAGES.value)]
       out = pipe.variations(images["image"], seeds, options, up_to=up_to)
       jobs = [("", s) for s in seeds]
-      extras = [{"image": os.path.abspath(_IMAGE.value)} for _ in seeds]
+      extras = [{"image": _absolute(_IMAGE.value)} for _ in seeds]
       names = [f"{pipeline_lib.slug(_stem(_IMAGE.value))}_variation_seed{s}" for s in seeds]
     elif mode == "interpolate":
       frames = _NUM_FRAMES.value
@@ -199,7 +207,7 @@ def main(argv):
                              noise=_INTERP_NOISE.value, up_to=up_to)
       thetas = [float(t) for t in np.linspace(0.0, 1.0, frames)]
       jobs = [("", seed)] * frames
-      extras = [{"image": os.path.abspath(_IMAGE.value), "image2": os.path.abspath(_IMAGE2.value), "frame": k,
+      extras = [{"image": _absolute(_IMAGE.value), "image2": _absolute(_IMAGE2.value), "frame": k,
                  "theta": theta, "interp_noise": _INTERP_NOISE.value} for k, theta in enumerate(thetas)]
       stem = f"interpolate_{pipeline_lib.slug(_stem(_IMAGE.value))}_{pipeline_lib.slug(_stem(_IMAGE2.value))}"
       names = [f"{stem}_seed{seed}_frame{k:02d}" for k in range(frames)]
@@ -208,23 +216,23 @@ def main(argv):
       source, target = _PROMPT.value[0], _PROMPT2.value
       out = pipe.text_diff(images["image"], source, target, thetas, options, seed=seed, up_to=up_to)
       jobs = [(source, seed)] * len(thetas)
-      extras = [{"image": os.path.abspath(_IMAGE.value), "prompt2": target, "frame": k, "theta": theta}
+      extras = [{"image": _absolute(_IMAGE.value), "prompt2": target, "frame": k, "theta": theta}
                 for k, theta in enumerate(thetas)]
       stem = f"textdiff_{pipeline_lib.slug(_stem(_IMAGE.value))}_{pipeline_lib.slug(target)}"
       names = [f"{stem}_frame{k:02d}_theta{theta:.3f}" for k, theta in enumerate(thetas)]
       columns = len(thetas)
   except (imaging.ImageError, pipeline_lib.InputError, pipeline_lib.CheckpointError) as e:
     _fail(str(e))  # e.g. text from a variations-only checkpoint (no prior)
-  settings = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "preset": _PRESET.value or "checkpoint",
+  settings = {"checkpoint": _absolute(_CHECKPOINT.value), "preset": _PRESET.value or "checkpoint",
               "up_to": up_to, "mode": mode}
   if mode == "text":
     settings["prior_candidates"] = _CANDIDATES.value
   if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):
     settings["inversion_iters"] = pipe.inversion_iters
   used = {s: o for s, o in options.items() if mode == "text" or s != "prior"}  # the applications start at z_i
-  paths = pipeline_lib.write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names,
+  written = pipeline_lib.write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names,
                                      grid_columns=columns)
-  print("\n".join(paths))
+  print("\n".join(written))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, e.g. "
                                           "configs/shapes.py:prior.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, samples and the export.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, samples and the export: a local "
+                               "path, or a URI such as gs://bucket/run or file:///abs/path.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with no arguments "
                                 "(TPU VMs, Slurm: the cluster tells each process its peers).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process "

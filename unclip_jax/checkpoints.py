@@ -8,7 +8,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from unclip_jax import paths
 
 
 class Checkpointer:
@@ -16,13 +19,14 @@ class Checkpointer:
 
   `meta` is a JSON dict (data-iterator position, config, ...). Orbax writes each
   step into a temporary folder and renames it when complete, so a crash never
-  leaves a half-written checkpoint that a resume would pick up.
+  leaves a half-written checkpoint that a resume would pick up. workdir may be a
+  gs:// (or file://) URI: Orbax writes through epath and tensorstore.
   """
 
   def __init__(self, workdir: str, *, save_every: int, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                            enable_async_checkpointing=async_save, create=True)
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> bool:
@@ -55,6 +59,11 @@ class Checkpointer:
     self._manager.close()
 
 
+def checkpoint_dir(workdir) -> epath.Path:
+  """WORKDIR/checkpoints: absolute if local, a URI kept as it is (never os.path.abspath'd)."""
+  return paths.absolute(workdir) / "checkpoints"
+
+
 def gather_to_host(tree):
   """Every leaf whole, as numpy, on every process (a collective: all processes call it).
 
@@ -72,29 +81,29 @@ INFERENCE_PARAMS = "params"
 INFERENCE_CONFIG = "config.json"
 
 
-def export_inference(path: str, params, config: dict[str, Any]):
-  """Writes params (usually the EMA; host or addressable arrays) and a JSON config for sampling."""
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
+def export_inference(path, params, config: dict[str, Any]):
+  """Writes params (usually the EMA; host or addressable arrays) and a JSON config for sampling.
+
+  path: a local folder or a URI (gs://, file://)."""
+  path = paths.absolute(path)
+  path.mkdir(parents=True, exist_ok=True)
   params = jax.device_get(params)
   # The calling process writes alone (train.py exports from process 0 of a multi-process run).
   alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
   with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
-    ckptr.save(os.path.join(path, INFERENCE_PARAMS), params, force=True)
-  with open(os.path.join(path, INFERENCE_CONFIG), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+    ckptr.save(path / INFERENCE_PARAMS, params, force=True)
+  (path / INFERENCE_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def load_inference(path: str, abstract_params=None) -> tuple[Any, dict[str, Any]]:
-  """(params, config) written by export_inference; a clear error if it is not one."""
-  path = os.path.abspath(path)
-  config_path = os.path.join(path, INFERENCE_CONFIG)
-  params_path = os.path.join(path, INFERENCE_PARAMS)
-  if not os.path.isfile(config_path) or not os.path.isdir(params_path):
-    raise FileNotFoundError(f"{path!r} is not an inference checkpoint: expected {INFERENCE_CONFIG} and a "
-                            f"{INFERENCE_PARAMS}/ folder (written by train.py's export).")
-  with open(config_path) as f:
-    config = json.load(f)
+def load_inference(path, abstract_params=None) -> tuple[Any, dict[str, Any]]:
+  """(params, config) written by export_inference (a local folder or a URI); a clear error if it is not one."""
+  path = paths.absolute(path)
+  config_path = path / INFERENCE_CONFIG
+  params_path = path / INFERENCE_PARAMS
+  if not config_path.is_file() or not params_path.is_dir():
+    raise FileNotFoundError(f"{os.fspath(path)!r} is not an inference checkpoint: expected {INFERENCE_CONFIG} "
+                            f"and a {INFERENCE_PARAMS}/ folder (written by train.py's export).")
+  config = json.loads(config_path.read_text())
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(params_path, abstract_params)
   return params, config

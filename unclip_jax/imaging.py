@@ -1,10 +1,13 @@
 """Pictures in and out: loading and checking input images, uint8, grids, PNG files."""
 
+import io
 import math
 import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from unclip_jax import paths
 
 
 class ImageError(ValueError):
@@ -12,9 +15,13 @@ class ImageError(ValueError):
 
 
 def load_image(path) -> np.ndarray:
-  """An image file -> uint8 [H, W, 3] RGB (PIL; grey, palette and alpha images are converted)."""
+  """An image file (a local path or a URI: gs://, file://) -> uint8 [H, W, 3] RGB (PIL; grey,
+  palette and alpha images are converted)."""
   try:
-    with Image.open(path) as image:
+    source = path  # a file object passes through
+    if isinstance(path, (str, os.PathLike)):  # PIL opens local files only: a remote one is read whole first
+      source = io.BytesIO(paths.as_path(path).read_bytes()) if paths.is_remote(path) else paths.as_path(path)
+    with Image.open(source) as image:
       image.load()  # PIL is lazy: force the decode so a truncated file fails here
       return np.asarray(image.convert("RGB"), np.uint8)
   except FileNotFoundError:
@@ -69,8 +76,11 @@ def make_grid(images, columns: int | None = None, pad: int = 2, pad_value: int =
   return grid
 
 
-def save_png(image, path: str):
-  """Writes [H, W, 3] (or [H, W, 1]) uint8 as PNG, creating the folder."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_png(image, path):
+  """Writes [H, W, 3] (or [H, W, 1]) uint8 as PNG to a local path or a URI (gs://, file://), creating
+  the folder."""
+  path = paths.as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   image = np.asarray(image)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  with path.open("wb") as f:  # through epath, so a bucket works too
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unclip_jax import checkpoints, imaging
+from unclip_jax import checkpoints, imaging, paths
 from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import samplers, schedules
 from unclip_jax.diffusion.slerp import slerp
@@ -136,14 +136,14 @@ def stage_options(stage: str, fields, base: StageOptions | None = None) -> Stage
 def assemble(path: str, options: dict | None = None, param_dtype: str | None = None, **folders: str) -> str:
   """Copies a CLIP folder and stage exports (clip=, prior=, decoder=, sr1=, sr2=) into one checkpoint.
 
+  Any of the folders may be a URI (gs://, file://).
+
   options: the recommended sampling settings, {stage: StageOptions or dict of
   its fields}, written to pipeline.json (Pipeline.load reads them back as
   default_options). param_dtype (e.g. "float16") stores the stages' float
   params in that dtype, to halve a checkpoint that ships in a repository;
   Pipeline.load computes in float32 whatever the stored dtype.
   """
-  import shutil
-
   unknown = set(folders) - {"clip", *STAGES}
   if unknown:
     raise ValueError(f"Unknown stage folders {sorted(unknown)}.")
@@ -154,15 +154,15 @@ def assemble(path: str, options: dict | None = None, param_dtype: str | None = N
     # A dict keeps only its own fields, so the others follow Karlo's defaults when loaded.
     layout["options"] = {stage: dict(fields) if isinstance(fields, dict) else dataclasses.asdict(fields)
                          for stage, fields in options.items()}
-  os.makedirs(path, exist_ok=True)
+  root = paths.as_path(path)
+  root.mkdir(parents=True, exist_ok=True)
   for name, folder in folders.items():
     if name == "clip" or param_dtype is None:
-      shutil.copytree(folder, os.path.join(path, name), dirs_exist_ok=True)
+      paths.copy_tree(folder, root / name)
     else:
       params, config = checkpoints.load_inference(folder)
-      checkpoints.export_inference(os.path.join(path, name), _cast_floats(params, param_dtype), config)
-  with open(os.path.join(path, PIPELINE_FILE), "w") as f:
-    json.dump(layout, f, indent=2)
+      checkpoints.export_inference(root / name, _cast_floats(params, param_dtype), config)
+  (root / PIPELINE_FILE).write_text(json.dumps(layout, indent=2))
   return path
 
 
@@ -215,13 +215,15 @@ class Pipeline:
 
   @classmethod
   def load(cls, path: str, clip_dir: str | None = None, mesh=None, progress: bool = False) -> "Pipeline":
-    """Reads CHECKPOINT/pipeline.json and each stage's export; clear errors if any is missing."""
-    layout_file = os.path.join(path, PIPELINE_FILE)
-    if not os.path.isfile(layout_file):
+    """Reads CHECKPOINT/pipeline.json and each stage's export; clear errors if any is missing.
+
+    path (and clip_dir) may be a URI: gs://, file://."""
+    root = paths.as_path(path)
+    layout_file = root / PIPELINE_FILE
+    if not layout_file.is_file():
       raise CheckpointError(f"{path!r} is not an unCLIP checkpoint: no {PIPELINE_FILE} (expected "
                             f"{{\"clip\": ..., \"prior\": ..., \"decoder\": ..., \"sr1\": ...}} naming stage folders).")
-    with open(layout_file) as f:
-      layout = json.load(f)
+    layout = json.loads(layout_file.read_text())
     missing = [k for k in ("decoder",) if k not in layout]
     if missing:
       raise CheckpointError(f"{layout_file} names no {missing} folder.")
@@ -229,7 +231,7 @@ class Pipeline:
       default_options = {stage: stage_options(stage, fields) for stage, fields in layout.get("options", {}).items()}
     except (ValueError, TypeError, AttributeError) as e:
       raise CheckpointError(f"{layout_file}: bad \"options\": {e}") from e
-    clip_path = clip_dir or os.path.join(path, layout.get("clip", "clip"))
+    clip_path = clip_dir or os.fspath(root / layout.get("clip", "clip"))
     try:
       clip = clip_lib.load_clip(clip_path)
     except (FileNotFoundError, ValueError) as e:
@@ -237,7 +239,7 @@ class Pipeline:
     params, configs = {}, {}
     for stage in STAGES:
       if stage in layout:
-        params[stage], configs[stage] = _read_stage(os.path.join(path, layout[stage]), stage)
+        params[stage], configs[stage] = _read_stage(os.fspath(root / layout[stage]), stage)
     _check_clip_fits(configs, clip, clip_path)
     return cls(clip, params, configs, mesh=mesh, progress=progress, default_options=default_options)
 
@@ -554,16 +556,17 @@ def write_outputs(out_dir: str, images: np.ndarray, jobs: Sequence[tuple[str, in
 
   if extras is not None and len(extras) != len(images) or names is not None and len(names) != len(images):
     raise ValueError(f"{len(images)} images need as many extras and names.")
-  os.makedirs(out_dir, exist_ok=True)
+  out = paths.as_path(out_dir)  # a local folder or a URI (gs://, file://)
+  out.mkdir(parents=True, exist_ok=True)
   stage_options = {s: dataclasses.asdict(o) for s, o in options.items()}
-  paths = []
+  written = []
   for i, (image, (prompt, seed)) in enumerate(zip(images, jobs)):
-    stem = os.path.join(out_dir, names[i] if names else f"{slug(prompt)}_seed{seed}")
+    stem = os.fspath(out / (names[i] if names else f"{slug(prompt)}_seed{seed}"))
     imaging.save_png(image, stem + ".png")
-    with open(stem + ".json", "w") as f:
-      json.dump({"prompt": prompt, "seed": seed, **(extras[i] if extras else {}), "options": stage_options,
-                 **settings}, f, indent=2)
-    paths.append(stem + ".png")
-  grid_path = os.path.join(out_dir, f"grid_{time.strftime('%Y%m%d-%H%M%S')}_seed{jobs[0][1]}.png")
+    paths.as_path(stem + ".json").write_text(json.dumps(
+        {"prompt": prompt, "seed": seed, **(extras[i] if extras else {}), "options": stage_options, **settings},
+        indent=2))
+    written.append(stem + ".png")
+  grid_path = os.fspath(out / f"grid_{time.strftime('%Y%m%d-%H%M%S')}_seed{jobs[0][1]}.png")
   imaging.save_png(imaging.make_grid(images, columns=grid_columns), grid_path)
-  return paths + [grid_path]
+  return written + [grid_path]

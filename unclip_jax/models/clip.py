@@ -13,6 +13,7 @@ Images get CLIPImageProcessor's preprocessing in JAX: resize the shortest side
 (bicubic, antialiased), center crop, rescale, normalise.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -22,6 +23,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from unclip_jax import paths
 
 # CLIPImageProcessor's defaults (OpenAI's dataset statistics).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -201,18 +204,29 @@ def load_clip(path: str, tokenizer_path: str | None = None, dtype=jnp.float32) -
 
   Flax weights (flax_model.msgpack) are read directly, PyTorch ones through
   transformers' from_pt. The tokenizer comes from tokenizer_path, else `path`.
+  transformers reads local folders only, so a remote folder (gs://, ...) is
+  copied to a temporary local one first; a file:// URI is read in place.
   """
+  with contextlib.ExitStack() as stack:
+    local = stack.enter_context(paths.local_copy(path))
+    local_tok = stack.enter_context(paths.local_copy(tokenizer_path)) if tokenizer_path else None
+    return _load_local(local, local_tok, dtype, os.fspath(path),
+                       os.fspath(tokenizer_path) if tokenizer_path else None)
+
+
+def _load_local(path: str, tokenizer_path: str | None, dtype, name: str, tokenizer_name: str | None) -> FrozenCLIP:
+  """load_clip from local folders; messages name the folders as the caller gave them (name, tokenizer_name)."""
   from transformers import CLIPConfig, CLIPTextConfig, CLIPTokenizer
   from transformers.models.clip import modeling_flax_clip as fc
 
   if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
-    raise FileNotFoundError(f"No CLIP model folder (with config.json) at {path!r}. {_HOW_TO_GET}")
+    raise FileNotFoundError(f"No CLIP model folder (with config.json) at {name!r}. {_HOW_TO_GET}")
   with open(os.path.join(path, "config.json")) as f:
     model_type = json.load(f).get("model_type")
   from_flax = _has_weights(path, ["flax_model.msgpack", "flax_model.msgpack.index.json"])
   if not from_flax and not _has_weights(path, ["model.safetensors", "model.safetensors.index.json",
                                                "pytorch_model.bin", "pytorch_model.bin.index.json"]):
-    raise FileNotFoundError(f"{path!r} has a config.json but no weights. {_HOW_TO_GET}")
+    raise FileNotFoundError(f"{name!r} has a config.json but no weights. {_HOW_TO_GET}")
   def from_pretrained(cls):
     # transformers' PyTorch->Flax conversion needs initialised params to map onto.
     if from_flax:
@@ -228,18 +242,18 @@ def load_clip(path: str, tokenizer_path: str | None = None, dtype=jnp.float32) -
     text_config, vision_config = CLIPTextConfig.from_pretrained(path), None
     params = from_pretrained(fc.FlaxCLIPTextModelWithProjection)
     if "text_projection" not in params:
-      raise ValueError(f"{path!r} is a CLIPTextModel without text_projection; unCLIP needs "
+      raise ValueError(f"{name!r} is a CLIPTextModel without text_projection; unCLIP needs "
                        "CLIPTextModelWithProjection (or a full CLIPModel).")
     params = {k: params[k] for k in ("text_model", "text_projection")}
   else:
-    raise ValueError(f"{path!r}: model_type {model_type!r} is not CLIP; expected 'clip' (CLIPModel) or "
+    raise ValueError(f"{name!r}: model_type {model_type!r} is not CLIP; expected 'clip' (CLIPModel) or "
                      "'clip_text_model' (CLIPTextModelWithProjection).")
   params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
   tok_path = tokenizer_path or path
   try:
     tokenizer = CLIPTokenizer.from_pretrained(tok_path)
   except (OSError, TypeError, ValueError) as e:
-    raise FileNotFoundError(f"No CLIP tokenizer (vocab.json, merges.txt) in {tok_path!r}: {e}. "
+    raise FileNotFoundError(f"No CLIP tokenizer (vocab.json, merges.txt) in {tokenizer_name or name!r}: {e}. "
                             f"{_HOW_TO_GET}") from e
   max_length = int(text_config.max_position_embeddings)
   text_module = fc.FlaxCLIPTextTransformer(text_config, dtype=dtype)
@@ -248,4 +262,4 @@ def load_clip(path: str, tokenizer_path: str | None = None, dtype=jnp.float32) -
     vision_module = fc.FlaxCLIPVisionTransformer(vision_config, dtype=dtype)
     prep = ImagePreprocess.from_folder(path, int(vision_config.image_size))
   return FrozenCLIP(params=params, text_module=text_module, vision_module=vision_module, tokenizer=tokenizer,
-                    preprocess=prep, max_length=max_length, path=path)
+                    preprocess=prep, max_length=max_length, path=name)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from unclip_jax import paths
 from unclip_jax.data import shapes as shapes_data
 from unclip_jax.models import clip as clip_lib
 
@@ -46,8 +47,9 @@ def _apply_merges(pieces: list[str], ranks: dict) -> list[str]:
   return pieces
 
 
-def write_word_tokenizer(words: Sequence[str], folder: str, max_length: int = 77):
-  """A CLIPTokenizer whose vocabulary holds every byte plus these whole words.
+def write_word_tokenizer(words: Sequence[str], folder, max_length: int = 77):
+  """A CLIPTokenizer whose vocabulary holds every byte plus these whole words, saved in folder
+  (a local path or a URI: gs://, file://).
 
   Each word gets merges appended (lowest priority) that join whatever the
   earlier merges leave of it, left to right, until it is one token; earlier
@@ -69,14 +71,14 @@ def write_word_tokenizer(words: Sequence[str], folder: str, max_length: int = 77
         vocab.append(pieces[0] + pieces[1])
       pieces = [pieces[0] + pieces[1]] + pieces[2:]
   vocab += [BOS, EOS]
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in sorted(ranks, key=ranks.get)))
-  tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                            model_max_length=max_length)
-  tokenizer.save_pretrained(folder)
+  with paths.local_folder(folder) as local:  # transformers reads and writes local folders only
+    with open(os.path.join(local, "vocab.json"), "w") as f:
+      json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(local, "merges.txt"), "w") as f:
+      f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in sorted(ranks, key=ranks.get)))
+    tokenizer = CLIPTokenizer(os.path.join(local, "vocab.json"), os.path.join(local, "merges.txt"),
+                              model_max_length=max_length)
+    tokenizer.save_pretrained(local)
   return tokenizer
 
 
@@ -132,16 +134,20 @@ def reference_init(params, config, rng):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def write_clip_folder(folder: str, config, params, image_size: int):
-  """A Hugging Face CLIP folder (Flax weights, preprocessing) around these params."""
+def write_clip_folder(folder, config, params, image_size: int, tokenizer=None):
+  """A Hugging Face CLIP folder (Flax weights, preprocessing, the tokenizer if given) around these
+  params; folder may be a URI (gs://, file://)."""
   from transformers import CLIPImageProcessor, FlaxCLIPModel
 
   model = FlaxCLIPModel(config, _do_init=False)
-  model.save_pretrained(folder, params=jax.device_get(params))
-  # Images are made at image_size already: no resize, only normalisation (Shapes' own statistics
-  # are close enough to OpenAI's that we keep CLIP's).
-  CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-                     ).save_pretrained(folder)
+  with paths.local_folder(folder) as local:  # save_pretrained writes local folders only
+    model.save_pretrained(local, params=jax.device_get(params))
+    # Images are made at image_size already: no resize, only normalisation (Shapes' own statistics
+    # are close enough to OpenAI's that we keep CLIP's).
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(local)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(local)
 
 
 def contrastive_loss(logits_per_image):
@@ -183,7 +189,7 @@ class ClipStage:
       raise ValueError("config.twins renders counterfactual Shapes scenes; it needs config.data.kind = 'shapes', "
                        f"not {config.data.kind!r}.")
     self.config = config
-    self.tokenizer_dir = os.path.join(workdir, "tokenizer")
+    self.tokenizer_dir = os.fspath(paths.as_path(workdir) / "tokenizer")
     self.tokenizer = write_word_tokenizer(config.model.vocabulary, self.tokenizer_dir,
                                           config.model.get("max_length", 77))
     self.hf_config = clip_config(config.model, len(self.tokenizer.get_vocab()))
@@ -254,5 +260,4 @@ class ClipStage:
 
   def export(self, params, export_dir: str):
     """The trained CLIP as a Hugging Face folder with its tokenizer."""
-    write_clip_folder(export_dir, self.hf_config, params, self.config.model.image_size)
-    self.tokenizer.save_pretrained(export_dir)
+    write_clip_folder(export_dir, self.hf_config, params, self.config.model.image_size, self.tokenizer)
