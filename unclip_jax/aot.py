@@ -288,15 +288,25 @@ def _required_bytes(error: DoesNotFit, fixed: float) -> float | None:
   return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) + fixed if m else None
 
 
-def compile_key(config, topology, *, batch_size: int, sample: bool, clip: ClipShapes,
-                replicate_params: bool) -> str:
-  """What decides a compile's report: the config at this batch, the target, and jax's and libtpu's versions."""
-  settings = config.to_dict()
+# Config entries the compiled step never reads (the data pipeline, logging and checkpoint cadence).
+HOST_ONLY_KEYS = ("data", "clip_dir", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
+                  "export_dir")
+
+
+def compile_inputs(config, topology, *, batch_size: int, sample: bool, clip: ClipShapes,
+                   replicate_params: bool) -> dict:
+  """What decides a compile's report: the config at this batch (less what only the host reads), the
+  target, and jax's and libtpu's versions. Kept in each cache entry, so entries can be re-keyed."""
+  settings = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_KEYS}
   settings["batch_size"] = batch_size
-  blob = json.dumps({"config": settings, "topology": str(topology), "sample": sample, "clip": dataclasses.astuple(clip),
-                     "replicate_params": replicate_params, "jax": jax.__version__,
-                     "libtpu": importlib.metadata.version("libtpu")}, sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:20]
+  return json.loads(json.dumps({"config": settings, "topology": str(topology), "sample": sample,
+                                "clip": dataclasses.astuple(clip), "replicate_params": replicate_params,
+                                "jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu")},
+                               default=str))
+
+
+def compile_key(inputs: dict) -> str:
+  return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def cached_compile(cache_dir: str, config, topology, *, sample: bool = False, batch_size: int | None = None,
@@ -306,8 +316,9 @@ def cached_compile(cache_dir: str, config, topology, *, sample: bool = False, ba
   sizing of several compiles must not lose the ones it finished."""
   batch_size = config.batch_size if batch_size is None else batch_size
   clip = clip or clip_shapes(config)
-  path = os.path.join(cache_dir, compile_key(config, topology, batch_size=batch_size, sample=sample, clip=clip,
-                                             replicate_params=replicate_params) + ".json")
+  inputs = compile_inputs(config, topology, batch_size=batch_size, sample=sample, clip=clip,
+                          replicate_params=replicate_params)
+  path = os.path.join(cache_dir, compile_key(inputs) + ".json")
   if os.path.exists(path):
     with open(path) as f:
       entry = json.load(f)
@@ -319,10 +330,10 @@ def cached_compile(cache_dir: str, config, topology, *, sample: bool = False, ba
     result, program = compile_for(config, topology, sample=sample, batch_size=batch_size, devices=devices, clip=clip,
                                   replicate_params=replicate_params)
   except DoesNotFit as e:
-    write_json(dict(about, does_not_fit=str(e)), path)
+    write_json(dict(about, does_not_fit=str(e), inputs=inputs), path)
     raise
   timing = {"lower_s": program.lower_s, "compile_s": program.compile_s} if program is not None else {}
-  write_json(dict(about, **timing, report=result), path)
+  write_json(dict(about, **timing, report=result, inputs=inputs), path)
   return result, program
 
 
