@@ -7,6 +7,20 @@ from unclip_jax import optim, parallel
 STAGES = ("clip", "prior", "decoder", "sr1", "sr2")
 
 
+def data_config(kind: str, **overrides) -> ml_collections.ConfigDict:
+  """Every key a data source reads (data/sources.py make_batches), whatever the kind, so any
+  --config.data.* override works: kind shapes | folder | tfds | embeddings."""
+  data = dict(kind=kind, path="", seed=0,
+              # tfds
+              name="coco_captions", split="train", image_key="image", caption_key="captions/text", data_dir="",
+              # folder and tfds decoding (data/loader.py): worker processes, threads and batches buffered per process
+              workers=0, threads=8, prefetch=2)
+  unknown = set(overrides) - set(data)
+  if unknown:
+    raise ValueError(f"unknown data keys {sorted(unknown)}")
+  return ml_collections.ConfigDict(dict(data, **overrides))
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
   if stage not in STAGES:
     raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")

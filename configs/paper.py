@@ -41,9 +41,7 @@ def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.compute_dtype = "bfloat16"
   c.clip_dir = ""  # e.g. a saved openai/clip-vit-large-patch14
-  c.data = ml_collections.ConfigDict(dict(kind="folder", path="", name="coco_captions", split="train",
-                                          image_key="image", caption_key="captions/text", data_dir=None,
-                                          seed=0))
+  c.data = common.data_config("folder", workers=8)
   c.diffusion = ml_collections.ConfigDict(dict(schedule=schedule, num_timesteps=1000, variance_type=variance,
                                                prediction_type=prediction))
   c.sample_steps, c.sampler = sample_steps, sampler

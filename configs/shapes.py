@@ -32,7 +32,7 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
   stage, _, size = arg.partition(",")
   tiny = size == "tiny"
   c = common.base_config(stage)
-  c.data = ml_collections.ConfigDict(dict(kind="shapes", seed=0))
+  c.data = common.data_config("shapes")  # or --config.data.kind=folder|embeddings --config.data.path=...
   c.clip_dir = "runs/shapes/clip/export"
   if stage == "clip":
     c.model = ml_collections.ConfigDict(dict(

@@ -9,6 +9,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from toy_stage import ToyStage, toy_batches, toy_config
 from unclip_jax import checkpoints, train_loop
@@ -82,6 +84,28 @@ def test_metrics_samples_and_export_are_written(tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
   params, config = checkpoints.load_inference(str(tmp_path / "export"))
   assert config == {"stage": "toy"} and params["dense"]["kernel"].shape == (8, 16)
+
+
+def test_corrupt_images_are_named_and_counted_in_the_metrics(tmp_path, caplog):
+  """The sources replace a corrupt image and report it (data/loader.py); the loop names the first five
+  in the log and writes the running count as data/corrupt."""
+  def with_corrupt(start, rows=None):
+    for batch in toy_batches(start, rows):
+      k = int(batch["index"][0]) // 8  # step k reports k corrupt images
+      yield dict(batch, corrupt=k, corrupt_names=[f"bad_{k}_{j}.jpg" for j in range(k)])
+
+  with caplog.at_level("WARNING"):
+    train_loop.train(toy_config(4), str(tmp_path), ToyStage(), with_corrupt)
+  named = [r.getMessage().rsplit(" ", 1)[-1] for r in caplog.records if "Corrupt image" in r.getMessage()]
+  assert named == ["bad_1_0.jpg", "bad_2_0.jpg", "bad_2_1.jpg", "bad_3_0.jpg", "bad_3_1.jpg"]
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  events.Reload()
+  counts = {e.step: tf_value(e) for e in events.Tensors("data/corrupt")}
+  assert counts == {2: 0 + 1, 4: 0 + 1 + 2 + 3}
+
+
+def tf_value(event) -> float:
+  return float(tensor_util.make_ndarray(event.tensor_proto))
 
 
 def test_batch_size_must_split_over_devices(tmp_path):

@@ -25,6 +25,7 @@ from unclip_jax import checkpoints
 from unclip_jax import imaging
 from unclip_jax import optim
 from unclip_jax import parallel
+from unclip_jax import paths
 from unclip_jax import training
 from unclip_jax.convert import scan_layout
 
@@ -101,6 +102,32 @@ def _check_positions(host_batch: dict, expected: np.ndarray):
                      f"{expected[:8]}... (its rows of the global batch).")
 
 
+class _CorruptImages:
+  """Counts the corrupt images the sources replaced (data/loader.py) and names the first few, so
+  a bad data set shows up in the logs and as the `data/corrupt` metric instead of silently."""
+
+  NAMED = 5
+
+  def __init__(self):
+    self.count, self.named = 0, 0
+
+  def take(self, host_batch: dict) -> dict:
+    """Counts the batch's report and returns the batch without it (what the stage encodes)."""
+    self.count += int(host_batch.get("corrupt", 0))
+    for name in list(host_batch.get("corrupt_names", ()))[:max(self.NAMED - self.named, 0)]:
+      logging.warning("Corrupt image replaced by another of its batch: %s", name)
+      self.named += 1
+      if self.named == self.NAMED:
+        logging.warning("Further corrupt images are counted in the data/corrupt metric, not named.")
+    return {k: v for k, v in host_batch.items() if k not in ("corrupt", "corrupt_names")}
+
+  def total(self) -> int:
+    """All hosts' count so far in this run (every process calls this at the same step)."""
+    if jax.process_count() == 1:
+      return self.count
+    return int(np.sum(multihost_utils.process_allgather(np.int64(self.count))))
+
+
 def make_optimizer(config: ml_collections.ConfigDict):
   o = config.optim
   lr = optim.learning_rate_schedule(o.learning_rate, o.get("warmup_steps", 0), o.get("decay", "constant"),
@@ -161,8 +188,10 @@ class _DivergenceCheck:
 
 def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches: BatchesFn
           ) -> training.TrainState:
-  """Trains until config.total_steps (resuming from workdir), then exports the EMA params."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains until config.total_steps (resuming from workdir), then exports the EMA params.
+
+  workdir (and config.export_dir) may be a local folder or a URI: gs://, file://."""
+  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh(dict(config.mesh))
   rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules)
   if config.batch_size % (parallel.batch_size_divisor(mesh, rules) * config.get("grad_accum_steps", 1)):
@@ -189,11 +218,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
   batch_sharding = parallel.batch_sharding(mesh, rules)
   rows = parallel.host_rows(batch_sharding, config.batch_size)  # this host's rows of every global batch
   data = batches(position, rows)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # TensorBoard's writer takes a string and reads gs:// itself; file:// is made a local path.
+  writer = metric_writers.create_default_writer(os.fspath(paths.as_path(workdir)),
+                                                just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config.items()})
   meta_config = json.loads(config.to_json_best_effort())
   divergence = _DivergenceCheck()
+  corrupt = _CorruptImages()
   bar = tqdm.auto.tqdm(total=config.total_steps, initial=start_step, desc=f"train {config.stage}",
                        disable=jax.process_index() > 0)
   last_log_time, last_log_step = time.perf_counter(), start_step
@@ -211,6 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
       while step < config.total_steps:
         host_batch = next(data)
         _check_positions(host_batch, position + rows)
+        host_batch = corrupt.take(host_batch)
         batch = parallel.global_batch(stage.encode_batch(host_batch), mesh, rules, batch_size=config.batch_size,
                                       rows=rows)
         state, metrics = step_fn(state, batch)
@@ -224,6 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
           scalars["steps_per_sec"] = (step - last_log_step) / (now - last_log_time)
           scalars["images_per_sec"] = scalars["steps_per_sec"] * config.batch_size
+          scalars["data/corrupt"] = corrupt.total()  # replaced so far in this run, all hosts
           last_log_time, last_log_step = now, step
           writer.write_scalars(step, scalars)
           bar.set_postfix(loss=f"{scalars['loss']:.4g}")
@@ -243,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
     bar.close()
     writer.flush()
   if int(state.step) >= config.total_steps:
-    export_dir = config.get("export_dir") or os.path.join(workdir, "export")
+    export_dir = config.get("export_dir") or os.fspath(paths.as_path(workdir) / "export")
     host_params = checkpoints.gather_to_host(state.ema_params)  # every process takes part in the gather
     if jax.process_index() == 0:
       export(stage, host_params, export_dir)
@@ -270,5 +304,5 @@ def write_samples(stage: Stage, state: training.TrainState, workdir: str, writer
   if images is None or jax.process_index() > 0:
     return
   grid = imaging.make_grid(images, getattr(stage, "grid_columns", None))
-  imaging.save_png(grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+  imaging.save_png(grid, paths.as_path(workdir) / "samples" / f"step_{step:08d}.png")
   writer.write_images(step, {"samples": grid[None]})

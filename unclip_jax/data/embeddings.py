@@ -78,8 +78,9 @@ class EmbeddingStore:
   def batches(self, start: int, batch_size: int, *, seed: int = 0, rows: np.ndarray | None = None
               ) -> Iterator[dict]:
     """This host's rows of each global batch, in epoch-shuffled order from position `start`."""
+    order = ordering.shuffled_order(len(self), seed)
     for positions in ordering.host_batch_positions(start, batch_size, rows):
-      items = [ordering.shuffled_index(int(p), len(self), seed) for p in positions]
+      items = [order[int(p)] for p in positions]
       yield dict(self.get(items), index=positions, corrupt=0)
 
 

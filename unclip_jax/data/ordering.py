@@ -10,13 +10,17 @@ one host, and a stream resumed on another topology continues exactly.
 
 from collections.abc import Iterator
 
+import grain
 import numpy as np
 
 
-def shuffled_index(global_index: int, num_items: int, seed: int) -> int:
-  """Epoch-wise shuffled order over num_items: global position -> item index."""
-  epoch, offset = divmod(global_index, num_items)
-  return int(np.random.default_rng([seed, epoch]).permutation(num_items)[offset])
+def shuffled_order(num_items: int, seed: int) -> grain.MapDataset:
+  """Global position -> item index, a fresh permutation of the items each epoch. grain's
+  index_shuffle computes one position's item in O(1) (no permutation is ever built), so an
+  index of a billion items costs nothing to start or resume anywhere."""
+  if num_items < 1:
+    raise ValueError("cannot shuffle an empty data set.")
+  return grain.MapDataset.range(num_items).shuffle(seed=seed).repeat()
 
 
 def check_rows(rows: np.ndarray | None, batch_size: int) -> np.ndarray:

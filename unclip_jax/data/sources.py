@@ -1,185 +1,179 @@
 """Image-caption sources: tensorflow-datasets, folders (sidecar .txt or .jsonl),
 webdataset .tar shards (img2dataset's layout), and the Shapes world.
 
-Every source yields this host's batches {"image": uint8 [b, R, R, 3],
-"caption": list[str], "index": int [b], "corrupt": int} from a global position
-(examples consumed so far), so a resumed run continues the same stream; each
-host takes its own share of every global batch. A corrupt image is replaced by
-another image of the same batch and counted, never fatal.
+Folders, shards and tfds are random-access records that data/loader.py turns into this
+host's batches {"image": uint8 [b, R, R, 3], "caption": list[str], "index": int [b],
+"corrupt": int, "corrupt_names": list[str]} from a global position (examples consumed so
+far), so a resumed run continues the same stream without replaying it, and each host reads
+only its own share of every global batch. Paths go through unclip_jax.paths (local, file://,
+or gs:// where its filesystem is installed).
 """
 
+import dataclasses
 import json
-import os
 import tarfile
-from typing import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from unclip_jax.data import images as images_lib
-from unclip_jax.data import ordering
+from unclip_jax import paths
+from unclip_jax.data import loader
 from unclip_jax.data import shapes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-class RandomAccessSource:
-  """Examples by index: a list of (image bytes loader, caption)."""
+@dataclasses.dataclass
+class FileRecords:
+  """Images in files or in byte ranges of .tar shards, with captions: records[i] reads item i.
 
-  def __init__(self, items: Sequence[tuple[Callable[[], bytes], str]], name: str):
-    if not items:
-      raise ValueError(f"No image-caption pairs found in {name}.")
-    self.items = items
-    self.name = name
+  Plain lists and arrays, so grain's worker processes receive it cheaply; offsets[i] < 0 means
+  the whole file.
+  """
+  paths: list[str]
+  captions: list[str]
+  offsets: np.ndarray  # int64 [N]
+  sizes: np.ndarray  # int64 [N]
+  name: str
+
+  def __post_init__(self):
+    if not self.paths:
+      raise ValueError(f"no image-caption pairs found in {self.name}.")
 
   def __len__(self):
-    return len(self.items)
+    return len(self.paths)
 
-  def example_order(self, global_index: int, seed: int) -> int:
-    return ordering.shuffled_index(global_index, len(self.items), seed)
-
-  def batches(self, start: int, batch_size: int, resolution: int, *, seed: int = 0,
-              rows: np.ndarray | None = None) -> Iterator[dict]:
-    for indices in ordering.host_batch_positions(start, batch_size, rows):
-      pixels, captions, bad = [], [], []
-      for i in indices:
-        load, caption = self.items[self.example_order(int(i), seed)]
-        try:
-          pixels.append(images_lib.resize_center_crop(images_lib.decode(load()), resolution))
-        except images_lib.DECODE_ERRORS:
-          pixels.append(None)
-          bad.append(len(pixels) - 1)
-        captions.append(caption)
-      good = [j for j in range(len(pixels)) if pixels[j] is not None]
-      if not good:
-        raise ValueError(f"Every image of a batch from {self.name} at position {indices[0]} failed to decode.")
-      for n, j in enumerate(bad):  # stand-ins keep the batch shape and the stream position
-        pixels[j], captions[j] = pixels[good[n % len(good)]], captions[good[n % len(good)]]
-      yield {"image": np.stack(pixels), "caption": captions, "index": indices, "corrupt": len(bad)}
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    with paths.as_path(self.paths[i]).open("rb") as f:
+      if self.offsets[i] >= 0:
+        f.seek(int(self.offsets[i]))
+        data = f.read(int(self.sizes[i]))
+      else:
+        data = f.read()
+    return {"image": data, "caption": self.captions[i], "name": self.paths[i]}
 
 
-def _read_file(path):
-  return lambda: open(path, "rb").read()
+def _whole_files(files, captions, name) -> FileRecords:
+  return FileRecords(list(files), list(captions), np.full(len(files), -1, np.int64), np.zeros(len(files), np.int64),
+                     name)
 
 
-def folder_source(path: str) -> RandomAccessSource:
+def folder_source(path: str) -> FileRecords:
   """A folder of images with captions: *.jsonl lines {"image": relpath, "caption": text},
   else a sidecar NAME.txt beside each image, else webdataset *.tar shards."""
-  if not os.path.isdir(path):
-    raise ValueError(f"Data folder {path!r} does not exist.")
-  names = sorted(os.listdir(path))
+  root = paths.as_path(path)
+  if not root.is_dir():
+    raise ValueError(f"data folder {path!r} does not exist.")
+  names = sorted(p.name for p in root.iterdir())
   jsonl = [n for n in names if n.endswith(".jsonl")]
   if jsonl:
-    items = []
+    files, captions = [], []
     for name in jsonl:
-      with open(os.path.join(path, name)) as f:
-        for line_no, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-            items.append((_read_file(os.path.join(path, record["image"])), str(record["caption"])))
-          except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{name}:{line_no}: expected {{\"image\": ..., \"caption\": ...}}, got "
-                             f"{line.strip()[:80]!r}") from e
-    return RandomAccessSource(items, path)
+      for line_no, line in enumerate((root / name).read_text().splitlines(), 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+          files.append(str(root / record["image"]))
+          captions.append(str(record["caption"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{name}:{line_no}: expected {{\"image\": ..., \"caption\": ...}}, got "
+                           f"{line.strip()[:80]!r}") from e
+    return _whole_files(files, captions, path)
   tars = [n for n in names if n.endswith(".tar")]
   if tars:
-    return webdataset_source([os.path.join(path, n) for n in tars])
-  items = []
-  for name in names:
-    stem, suffix = os.path.splitext(name)
-    if suffix.lower() in IMAGE_SUFFIXES and os.path.exists(os.path.join(path, stem + ".txt")):
-      with open(os.path.join(path, stem + ".txt")) as f:
-        items.append((_read_file(os.path.join(path, name)), f.read().strip()))
-  return RandomAccessSource(items, path)
+    return webdataset_source([str(root / n) for n in tars])
+  present = set(names)
+  pairs = [(n, n.rsplit(".", 1)[0] + ".txt") for n in names if "." in n and "." + n.rsplit(".", 1)[1].lower()
+           in IMAGE_SUFFIXES]
+  pairs = [(image, text) for image, text in pairs if text in present]
+  return _whole_files([str(root / image) for image, _ in pairs], [(root / text).read_text().strip()
+                                                                 for _, text in pairs], path)
 
 
-def webdataset_source(tar_paths: Sequence[str]) -> RandomAccessSource:
-  """img2dataset / webdataset shards: members KEY.jpg (or png, webp) with KEY.txt captions."""
-  items = []
+def webdataset_source(tar_paths: list[str]) -> FileRecords:
+  """img2dataset / webdataset shards: members KEY.jpg (or png, webp) with KEY.txt captions,
+  indexed once by their byte ranges and read from them."""
+  files, captions, offsets, sizes = [], [], [], []
   for tar_path in tar_paths:
-    with tarfile.open(tar_path) as tar:
+    with paths.as_path(tar_path).open("rb") as f, tarfile.open(fileobj=f) as tar:
       members = {m.name: m for m in tar.getmembers() if m.isfile()}
       for name, member in sorted(members.items()):
-        key, suffix = os.path.splitext(name)
-        if suffix.lower() in IMAGE_SUFFIXES and key + ".txt" in members:
-          caption = tar.extractfile(members[key + ".txt"]).read().decode("utf-8").strip()
-          items.append((_tar_reader(tar_path, member.offset_data, member.size), caption))
-  return RandomAccessSource(items, ", ".join(tar_paths))
+        key, dot, suffix = name.rpartition(".")
+        if dot and "." + suffix.lower() in IMAGE_SUFFIXES and key + ".txt" in members:
+          captions.append(tar.extractfile(members[key + ".txt"]).read().decode("utf-8").strip())
+          files.append(tar_path)
+          offsets.append(member.offset_data)
+          sizes.append(member.size)
+  return FileRecords(files, captions, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
+                     ", ".join(tar_paths))
 
 
-def _tar_reader(path, offset, size):
-  def read():
-    with open(path, "rb") as f:
-      f.seek(offset)
-      return f.read(size)
-  return read
+class TfdsRecords:
+  """A tensorflow-datasets split through its random-access path (tfds.data_source: ArrayRecord
+  files, any example in O(1)), so hosts read only their rows and a resume replays nothing."""
+
+  def __init__(self, name: str, split: str, *, image_key: str = "image", caption_key: str = "captions/text",
+               data_dir: str | None = None):
+    import tensorflow_datasets as tfds
+
+    try:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # not prepared, or prepared as TFRecord (no random access)
+      raise ValueError(f"tfds {name!r} split {split!r} has no random-access copy ({str(e).splitlines()[0][:160]}); "
+                       f"prepare it with `tfds build {name} --file_format=array_record`.") from e
+    self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict:
+    example = self.source[int(i)]
+    image, caption = _field(example, self.image_key), _field(example, self.caption_key)
+    caption = caption[0] if np.ndim(caption) else caption  # e.g. coco's five captions: the first
+    caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+    return {"image": np.asarray(image), "caption": caption, "name": f"{self.name}/{self.split}[{int(i)}]"}
 
 
-def tfds_batches(name: str, split: str, *, image_key: str, caption_key: str, data_dir: str | None,
-                 start: int, batch_size: int, resolution: int, seed: int = 0, rows: np.ndarray | None = None,
-                 shuffle_buffer: int = 10_000) -> Iterator[dict]:
-  """Any tensorflow-datasets image-caption set, e.g. coco_captions (caption_key
-  "captions/text" takes the first caption of a list)."""
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
-  tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators JAX uses
-  ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
-  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).skip(start)
-  rows = ordering.check_rows(rows, batch_size)
-  mine = set(rows.tolist())
-
-  def field(example, key):
-    for part in key.split("/"):
-      example = example[part]
-    return example
-
-  # Images differ in size, so examples are gathered here rather than batched by tf.data.
-  examples = iter(tfds.as_numpy(ds))
-  position = start
-  while True:
-    pixels, captions = [], []
-    for j in range(batch_size):
-      example = next(examples)
-      if j not in mine:
-        continue
-      pixels.append(images_lib.resize_center_crop(Image.fromarray(field(example, image_key)), resolution))
-      caption = field(example, caption_key)
-      caption = caption[0] if np.ndim(caption) else caption
-      captions.append(caption.decode("utf-8") if isinstance(caption, bytes) else str(caption))
-    indices = position + rows
-    yield {"image": np.stack(pixels), "caption": captions, "index": indices, "corrupt": 0}
-    position += batch_size
+def _field(example, key: str):
+  """"captions/text" -> example["captions"]["text"]."""
+  for part in key.split("/"):
+    example = example[part]
+  return example
 
 
 def make_batches(data: ml_collections.ConfigDict, batch_size: int, resolution: int):
   """(start, rows) -> batches (rows: this host's rows of each global batch, None for
   all; see data/ordering.py), from a data config with `kind`:
   shapes (seed), folder (path), tfds (name, split, image_key, caption_key, data_dir),
-  embeddings (path: precomputed CLIP embeddings, see data/embeddings.py)."""
+  embeddings (path: precomputed CLIP embeddings, see data/embeddings.py). Folders and tfds
+  also take workers (decoding processes, 0: threads only), threads and prefetch (loader.py)."""
   kind = data.kind
+  options = dict(seed=data.get("seed", 0), workers=data.get("workers", 0), threads=data.get("threads", 8),
+                 prefetch=data.get("prefetch", 2))
   if kind == "shapes":
     return lambda start, rows=None: _with_corrupt(shapes.batches(data.seed, resolution, batch_size, start=start,
                                                                  rows=rows))
-  if kind == "folder":
-    source = folder_source(data.path)
-    return lambda start, rows=None: source.batches(start, batch_size, resolution, seed=data.get("seed", 0),
-                                                   rows=rows)
-  if kind == "tfds":
-    return lambda start, rows=None: tfds_batches(
-        data.name, data.split, image_key=data.get("image_key", "image"),
-        caption_key=data.get("caption_key", "captions/text"), data_dir=data.get("data_dir"), start=start,
-        batch_size=batch_size, resolution=resolution, seed=data.get("seed", 0), rows=rows)
+  if kind in ("folder", "tfds"):
+    if kind == "folder":
+      if not data.get("path"):
+        raise ValueError("data.kind=folder needs data.path, a folder of images with captions (or .tar shards).")
+      records = folder_source(data.path)
+    else:
+      records = TfdsRecords(data.name, data.split, image_key=data.get("image_key", "image"),
+                            caption_key=data.get("caption_key", "captions/text"), data_dir=data.get("data_dir") or None)
+    return lambda start, rows=None: loader.host_batches(records, start=start, batch_size=batch_size,
+                                                        resolution=resolution, rows=rows, **options)
   if kind == "embeddings":
     from unclip_jax.data import embeddings
+    if not data.get("path"):
+      raise ValueError("data.kind=embeddings needs data.path, written by `python -m unclip_jax.data.embeddings`.")
     store = embeddings.EmbeddingStore(data.path)
-    return lambda start, rows=None: store.batches(start, batch_size, seed=data.get("seed", 0), rows=rows)
-  raise ValueError(f"Unknown data kind {kind!r}; expected 'shapes', 'folder', 'tfds' or 'embeddings'.")
+    return lambda start, rows=None: store.batches(start, batch_size, seed=options["seed"], rows=rows)
+  raise ValueError(f"unknown data kind {kind!r}; expected 'shapes', 'folder', 'tfds' or 'embeddings'.")
 
 
 def _with_corrupt(stream):
   for batch in stream:
-    yield dict(batch, corrupt=0)
+    yield dict(batch, corrupt=0, corrupt_names=[])
