@@ -7,9 +7,12 @@ on any number of hosts, and decoding can run in any number of worker processes: 
 each worker whole batches and interleaves them back in order, so the batches do not depend on
 the worker count.
 
-    records[i] -> {"image": encoded bytes or uint8 [H, W, 3], "caption": str, "name": str}
+    records[i] -> {"image": encoded bytes or uint8 [H, W, 3], "caption": str, "name": str, ...}
     host_batches(...) -> {"image": uint8 [b, R, R, 3], "caption": list[str], "index": int [b],
-                          "corrupt": int, "corrupt_names": list[str]}
+                          "corrupt": int, "corrupt_names": list[str], ...}
+
+Fields besides these (arrays of a fixed shape, e.g. precomputed CLIP embeddings) are batched as
+they are; a record without an image (an embedding store's) skips decoding.
 
 A corrupt image is replaced by another image of the same batch (its caption too) and
 counted, never fatal; data/sources.py builds the records, the train loop logs the count.
@@ -55,31 +58,38 @@ class HostRows(grain.MapDataset):
 
 
 def decode_example(example: tuple[int, dict], resolution: int) -> dict:
-  """(position, record) -> one example at resolution x resolution; "ok" False if it did not decode."""
+  """(position, record) -> one example: the image (if the record has one) decoded at resolution x
+  resolution, "ok" False if it did not decode; other fields (e.g. precomputed embeddings) as they are."""
   position, record = example
-  try:
-    image = record["image"]
-    image = Image.fromarray(np.asarray(image)) if isinstance(image, np.ndarray) else images_lib.decode(image)
-    pixels, ok = images_lib.resize_center_crop(image, resolution), True
-  except images_lib.DECODE_ERRORS:
-    pixels, ok = np.zeros((resolution, resolution, 3), np.uint8), False
-  return {"image": pixels, "caption": str(record["caption"]), "index": np.int64(position), "ok": ok,
-          "name": str(record["name"])}
+  out = {k: v for k, v in record.items() if k != "image"}
+  out.update(index=np.int64(position), ok=True, name=str(record.get("name", position)))
+  if "caption" in record:
+    out["caption"] = str(record["caption"])
+  if "image" in record:
+    try:
+      image = record["image"]
+      image = Image.fromarray(np.asarray(image)) if isinstance(image, np.ndarray) else images_lib.decode(image)
+      out["image"] = images_lib.resize_center_crop(image, resolution)
+    except images_lib.DECODE_ERRORS:
+      out["image"], out["ok"] = np.zeros((resolution, resolution, 3), np.uint8), False
+  return out
 
 
 def replace_corrupt(batch: dict) -> dict:
-  """Stacked examples -> a training batch; a corrupt example takes a good one's image and
-  caption, so the batch keeps its shape and the stream its positions."""
-  ok = np.asarray(batch["ok"])
-  images, captions = np.array(batch["image"]), [str(c) for c in batch["caption"]]
+  """Stacked examples -> a training batch; a corrupt example takes a good one's fields (image,
+  caption, ...), so the batch keeps its shape and the stream its positions."""
+  ok = np.asarray(batch.pop("ok"))
+  names = [str(n) for n in batch.pop("name")]
+  out = {k: [str(c) for c in v] if k == "caption" else np.array(v) for k, v in batch.items()}
   good, bad = np.flatnonzero(ok), np.flatnonzero(~ok)
   if not len(good):
-    raise ValueError(f"every image of the batch at position {int(batch['index'][0])} failed to decode "
-                     f"(e.g. {batch['name'][0]}).")
+    raise ValueError(f"every image of the batch at position {int(out['index'][0])} failed to decode "
+                     f"(e.g. {names[0]}).")
   for n, j in enumerate(bad):
-    images[j], captions[j] = images[good[n % len(good)]], captions[good[n % len(good)]]
-  return {"image": images, "caption": captions, "index": np.asarray(batch["index"], np.int64),
-          "corrupt": len(bad), "corrupt_names": [str(batch["name"][j]) for j in bad]}
+    for k, v in out.items():
+      if k != "index":
+        v[j] = v[good[n % len(good)]]
+  return dict(out, corrupt=len(bad), corrupt_names=[names[j] for j in bad])
 
 
 def host_batches(records: Sequence[dict[str, Any]], *, start: int, batch_size: int, resolution: int,
@@ -98,5 +108,5 @@ def host_batches(records: Sequence[dict[str, Any]], *, start: int, batch_size: i
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library caller (notebook, test) has none
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
-  for batch in it:
-    yield dict(batch, image=np.array(batch["image"]), index=np.array(batch["index"]))
+  for batch in it:  # arrays copied out of grain's shared memory
+    yield {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
