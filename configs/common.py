@@ -14,7 +14,9 @@ def data_config(kind: str, **overrides) -> ml_collections.ConfigDict:
               # tfds
               name="coco_captions", split="train", image_key="image", caption_key="captions/text", data_dir="",
               # folder and tfds decoding (data/loader.py): worker processes, threads and batches buffered per process
-              workers=0, threads=8, prefetch=2)
+              workers=0, threads=8, prefetch=2,
+              # folder, tfds and shapes: a store of precomputed CLIP embeddings of the same items (data/embeddings.py)
+              embeddings="")
   unknown = set(overrides) - set(data)
   if unknown:
     raise ValueError(f"unknown data keys {sorted(unknown)}")

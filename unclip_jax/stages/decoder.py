@@ -180,9 +180,17 @@ class DecoderStage:
     return self._loss(params, batch, rng)
 
   def encode_batch(self, host_batch):
+    """Images at the decoder's resolution in [-1, 1] and their CLIP conditioning: precomputed (a batch
+    joined to data.embeddings carries z_i [B, D], z_t [B, D], tokens [B, L, W] float16, mask [B, L]),
+    else CLIP run on the batch."""
+    image = images_lib.to_model_range(images_lib.resize_batch(host_batch["image"], self.config.decoder_resolution))
+    if "z_i" in host_batch:
+      return {"image": image, "image_embed": np.asarray(host_batch["z_i"], np.float32),
+              "text_embed": np.asarray(host_batch["z_t"], np.float32),
+              "text_tokens": np.asarray(host_batch["tokens"], np.float32),
+              "text_mask": np.asarray(host_batch["mask"], bool)}
     text = self.clip.encode_text(list(host_batch["caption"]))
-    image = images_lib.resize_batch(host_batch["image"], self.config.decoder_resolution)
-    return {"image": images_lib.to_model_range(image),
+    return {"image": image,
             "image_embed": np.asarray(self.clip.encode_image(host_batch["image"], value_range=(0, 255))),
             "text_embed": np.asarray(text.embedding), "text_tokens": np.asarray(text.tokens),
             "text_mask": np.asarray(text.mask)}

@@ -171,9 +171,11 @@ class PriorStage:
 
 
 def encode_for_prior(clip, host_batch) -> dict:
-  """Host batch -> {z_t, tokens, mask, z_i}; batches of precomputed embeddings pass through."""
+  """Host batch -> {z_t, tokens, mask, z_i}; batches of precomputed embeddings (data/embeddings.py)
+  pass through, their float16 tokens [B, L, W] made float32 as CLIP's own are."""
   if "z_i" in host_batch:
-    return {k: np.asarray(host_batch[k]) for k in (*COND_KEYS, "z_i")}
+    return {"z_t": np.asarray(host_batch["z_t"], np.float32), "tokens": np.asarray(host_batch["tokens"], np.float32),
+            "mask": np.asarray(host_batch["mask"], bool), "z_i": np.asarray(host_batch["z_i"], np.float32)}
   text = clip.encode_text(list(host_batch["caption"]))
   return {"z_t": np.asarray(text.embedding), "tokens": np.asarray(text.tokens), "mask": np.asarray(text.mask),
           "z_i": np.asarray(clip.encode_image(host_batch["image"], value_range=(0, 255)))}
