@@ -181,6 +181,27 @@ def test_upsampler_conditioning_is_degraded_per_example_and_reproducible(tmp_pat
   assert np.abs(a["low_res"] - plain).mean() > 0.01  # BSR did more than resize
 
 
+def test_upsampler_low_res_from_the_data_workers_equals_the_stages_own(tmp_path):
+  """From a folder, the BSR input is made in grain's worker processes (upsampler.example_fn), seeded by
+  each example's global position: the same arrays as the stage degrading the same batch itself."""
+  from PIL import Image
+
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(8):
+    Image.fromarray(rng.integers(0, 256, (80, 72, 3), np.uint8)).save(folder / f"{i}.png")
+    (folder / f"{i}.txt").write_text(f"image {i}")
+  config = shapes.get_config("sr2,tiny")
+  config.data.update(kind="folder", path=str(folder), workers=2)
+  stage, batches = build.build(config, str(tmp_path / "run"))
+  host = next(batches(8))
+  from_workers = stage.encode_batch(host)
+  own = stage.encode_batch({k: v for k, v in host.items() if k != "low_res"})
+  np.testing.assert_array_equal(from_workers["low_res"], own["low_res"])
+  assert from_workers["low_res"].shape == (8, 32, 32, 3)
+
+
 # tests/test_shapes_demo.py runs every stage through train.py on the Shapes world and checks their
 # exports; this one adds a tensorflow-datasets source, with the decoder, the stage that reads both
 # the images and the captions (the upsamplers read the images only).

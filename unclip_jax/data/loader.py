@@ -19,7 +19,7 @@ counted, never fatal; data/sources.py builds the records, the train loop logs th
 """
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -29,6 +29,9 @@ from PIL import Image
 
 from unclip_jax.data import images as images_lib
 from unclip_jax.data import ordering
+
+
+ExampleFn = Callable[[dict], dict]
 
 
 class HostRows(grain.MapDataset):
@@ -92,18 +95,32 @@ def replace_corrupt(batch: dict) -> dict:
   return dict(out, corrupt=len(bad), corrupt_names=[names[j] for j in bad])
 
 
+def prepare_example(example: tuple[int, dict], resolution: int, example_fn: ExampleFn | None) -> dict:
+  """decode_example, then the stage's own per-example work (example_fn; on a corrupt example's zero
+  image too, so every example has the same fields to batch)."""
+  out = decode_example(example, resolution)
+  return example_fn(out) if example_fn is not None else out
+
+
 def host_batches(records: Sequence[dict[str, Any]], *, start: int, batch_size: int, resolution: int,
                  rows: np.ndarray | None = None, seed: int = 0, workers: int = 0, threads: int = 8,
-                 prefetch: int = 2) -> Iterator[dict]:
+                 prefetch: int = 2, example_fn: ExampleFn | None = None) -> Iterator[dict]:
   """This host's rows of every global batch from global position `start`, decoded and resized.
 
   workers: decoding processes (0: threads of this process, which PIL's codecs release the GIL
-  for); threads: batches decoded at once per process; prefetch: batches buffered per process.
+  for); threads: batches decoded at once per process (each a thread, and buffered); prefetch:
+  batches each worker process buffers for this one.
+  example_fn: more per-example work done where the decoding is (e.g. the upsamplers' degraded
+  low-res input), a picklable function of the example (its "index" is its global position:
+  seed from it, and the result is the same on any number of workers and hosts). A corrupt
+  example then takes a good example's fields, these included.
   """
   rows = ordering.check_rows(rows, batch_size)
   ds = HostRows(records, ordering.shuffled_order(len(records), seed), start, batch_size, rows)
-  ds = ds.map(functools.partial(decode_example, resolution=resolution)).batch(len(rows)).map(replace_corrupt)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=max(prefetch, 1)))
+  prepare = functools.partial(prepare_example, resolution=resolution, example_fn=example_fn)
+  ds = ds.map(prepare).batch(len(rows)).map(replace_corrupt)
+  threads = max(threads, 1)  # grain's threads only work on batches its buffer has room for
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
   if workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library caller (notebook, test) has none
       flags.FLAGS.mark_as_parsed()

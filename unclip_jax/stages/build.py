@@ -7,7 +7,11 @@ from unclip_jax.data import sources
 
 def build(config: ml_collections.ConfigDict, workdir: str):
   """The stage object the training loop drives, and its data stream."""
-  batches = sources.make_batches(config.data, config.batch_size, config.resolution)
+  example_fn = None
+  if config.stage in ("sr1", "sr2"):  # the degraded low-res input is made in the data workers
+    from unclip_jax.stages import upsampler
+    example_fn = upsampler.example_fn(config)
+  batches = sources.make_batches(config.data, config.batch_size, config.resolution, example_fn)
   if config.stage == "clip":
     from unclip_jax.stages import clip
     return clip.ClipStage(config, workdir), batches

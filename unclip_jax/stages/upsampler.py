@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import imaging
+from unclip_jax.data import degradations
 from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import gaussian, losses, samplers
 from unclip_jax.diffusion.schedules import Schedule, make_schedule
@@ -117,6 +118,19 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *
   return jnp.clip(x, -1.0, 1.0)
 
 
+def add_low_res(example: dict, *, augmentation: str, low_res_resolution: int, seed: int) -> dict:
+  """One example's degraded low-res input (uint8 [r, r, 3]), seeded by (seed, its global position):
+  what the data workers run (loader.host_batches' example_fn)."""
+  low = degradations.make_low_res(example["image"], augmentation, low_res_resolution, (seed, int(example["index"])))
+  return dict(example, low_res=low)
+
+
+def example_fn(config):
+  """The per-example work this stage hands the data workers."""
+  return functools.partial(add_low_res, augmentation=config.augmentation,
+                           low_res_resolution=config.low_res_resolution, seed=config.seed)
+
+
 class UpsamplerStage:
   """Trains an upsampler on (degraded low-res, high-res) pairs made on the host.
 
@@ -148,11 +162,14 @@ class UpsamplerStage:
     return self._loss(params, batch, rng)
 
   def encode_batch(self, host_batch):
-    from unclip_jax.data import degradations
-
+    """The low-res input comes degraded from the data workers (example_fn); a source that does
+    not run it (the Shapes world, the AOT tool's zeros) is degraded here, identically."""
     image = np.asarray(host_batch["image"])
-    seeds = [(self.config.seed, int(i)) for i in host_batch["index"]]
-    low = degradations.make_low_res_batch(image, self.config.augmentation, self.config.low_res_resolution, seeds)
+    if "low_res" in host_batch:
+      low = np.asarray(host_batch["low_res"])
+    else:
+      seeds = [(self.config.seed, int(i)) for i in host_batch["index"]]
+      low = degradations.make_low_res_batch(image, self.config.augmentation, self.config.low_res_resolution, seeds)
     return {"image": images_lib.to_model_range(image), "low_res": images_lib.to_model_range(low)}
 
   def sample_images(self, params, rng):
