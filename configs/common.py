@@ -8,7 +8,7 @@ STAGES = ("clip", "prior", "decoder", "sr1", "sr2")
 
 
 def data_config(kind: str, **overrides) -> ml_collections.ConfigDict:
-  """Every key a data source reads (data/sources.py make_batches), whatever the kind, so any
+  """Every key a data source reads (data/batches.py make_batches), whatever the kind, so any
   --config.data.* override works: kind shapes | folder | tfds | embeddings."""
   data = dict(kind=kind, path="", seed=0,
               # tfds

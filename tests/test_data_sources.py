@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unclip_jax.data import batches as data_batches
 from unclip_jax.data import loader, ordering, sources
 
 
@@ -147,7 +148,7 @@ def test_tfds_mock_coco_captions():
   data = ml_collections.ConfigDict(dict(kind="tfds", name="coco_captions", split="train",
                                         image_key="image", caption_key="captions/text", data_dir=None))
   with tfds.testing.mock_data(num_examples=8):
-    batch = next(sources.make_batches(data, 4, 32)(0))
+    batch = next(data_batches.make_batches(data, 4, 32)(0))
   assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert len(batch["caption"]) == 4 and all(isinstance(c, str) for c in batch["caption"])
 
@@ -159,16 +160,16 @@ def test_shapes_configs_take_a_folder_of_images(stage, tmp_path):
 
   config = shapes_configs.get_config(f"{stage},tiny")
   config.data.update(kind="folder", path=str(_sidecar_folder(tmp_path)), workers=0)
-  batch = next(sources.make_batches(config.data, 6, config.resolution)(0))
+  batch = next(data_batches.make_batches(config.data, 6, config.resolution)(0))
   assert batch["image"].shape == (6, config.resolution, config.resolution, 3)
   assert sorted(batch["caption"]) == [f"caption {i}" for i in range(6)]
   config.data.kind = "embeddings"
   with pytest.raises(FileNotFoundError, match="holds no embeddings"):
-    sources.make_batches(config.data, 6, config.resolution)
+    data_batches.make_batches(config.data, 6, config.resolution)
 
 
 def test_unknown_kind_and_missing_folder():
   with pytest.raises(ValueError, match="unknown data kind"):
-    sources.make_batches(ml_collections.ConfigDict({"kind": "laion"}), 4, 8)
+    data_batches.make_batches(ml_collections.ConfigDict({"kind": "laion"}), 4, 8)
   with pytest.raises(ValueError, match="does not exist"):
     sources.folder_source("/nonexistent/folder")

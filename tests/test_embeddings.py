@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from configs import shapes as shapes_configs
-from unclip_jax.data import embeddings, shapes, sources
+from unclip_jax.data import batches as data_batches
+from unclip_jax.data import embeddings, shapes
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.stages import decoder, prior
 
@@ -84,7 +85,7 @@ def test_corrupt_images_are_skipped_alone_and_replaced_when_joined(tmp_path, cli
   assert [alone.item(i) for i in range(len(alone))] == [0, 1, 3]
   data = shapes_configs.get_config("decoder,tiny").data
   data.update(kind="folder", path=folder, embeddings=out)
-  batch = next(sources.make_batches(data, 4, 32)(0))
+  batch = next(data_batches.make_batches(data, 4, 32)(0))
   assert batch["corrupt"] == 1 and batch["corrupt_names"][0].endswith("scene-02.png")
   assert np.all(np.abs(batch["z_i"]).sum(1) > 0)  # the stand-in brought its own z_i
 
@@ -102,7 +103,7 @@ def shapes_store(tmp_path_factory, clip):
 def test_decoder_reads_precomputed_embeddings_equal_to_clip(shapes_store, clip, tmp_path):
   config = shapes_configs.get_config("decoder,tiny")
   config.data.embeddings = shapes_store  # kind stays shapes: scenes 0 .. 11 joined to their rows
-  host = next(sources.make_batches(config.data, 8, config.resolution)(0))
+  host = next(data_batches.make_batches(config.data, 8, config.resolution)(0))
   assert host["image"].shape == (8, 32, 32, 3) and host["tokens"].dtype == np.float16
   stage = decoder.DecoderStage(config, clip, host)
   pre = stage.encode_batch(host)
@@ -116,13 +117,13 @@ def test_decoder_reads_precomputed_embeddings_equal_to_clip(shapes_store, clip, 
   # An image source of another size is refused in one line.
   config.data.update(kind="folder", path=_folder(tmp_path / "images", 10))
   with pytest.raises(ValueError, match="holds 12 items but the image source has 10"):
-    sources.make_batches(config.data, 8, config.resolution)
+    data_batches.make_batches(config.data, 8, config.resolution)
 
 
 def test_prior_streams_shards_once_per_epoch_and_resumes(shapes_store, clip):
   config = shapes_configs.get_config("prior,tiny")
   config.data.update(kind="embeddings", path=shapes_store)
-  batches = sources.make_batches(config.data, 4, config.resolution)
+  batches = data_batches.make_batches(config.data, 4, config.resolution)
   stream = batches(0)
   epoch = [prior.encode_for_prior(clip, next(stream)) for _ in range(3)]  # 12 items
   store = embeddings.EmbeddingShards(shapes_store)

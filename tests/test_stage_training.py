@@ -15,7 +15,8 @@ from configs import shapes
 from unclip_jax import checkpoints, parallel, train_loop, training
 from unclip_jax.convert import scan_layout
 from unclip_jax.data import shapes as shapes_data
-from unclip_jax.data import ordering, sources
+from unclip_jax.data import batches as data_batches
+from unclip_jax.data import ordering
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages import build
@@ -218,7 +219,7 @@ def test_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, shapes_
   tfds_data = ml_collections.ConfigDict(dict(kind="tfds", name="coco_captions", split="train", image_key="image",
                                              caption_key="captions/text", data_dir=None, seed=0))
   with tfds.testing.mock_data(num_examples=16):  # it mocks file access too: read the batch, then leave
-    tfds_batch = next(sources.make_batches(tfds_data, config.batch_size, config.resolution)(0))
+    tfds_batch = next(data_batches.make_batches(tfds_data, config.batch_size, config.resolution)(0))
   stage, shapes_batches = build.build(config, str(tmp_path))
   seen = []
 

@@ -43,7 +43,6 @@ from absl import flags
 from absl import logging
 
 from unclip_jax.data import loader
-from unclip_jax.data import shapes
 from unclip_jax.data import sources
 
 FIELDS = {"z_t": np.float32, "z_i": np.float32, "tokens": np.float16, "mask": np.bool_}
@@ -53,22 +52,6 @@ MAX_OPEN_SHARDS = 128  # each open shard holds 6 memory maps (file descriptors)
 
 def shard_name(k: int) -> str:
   return f"shard-{k:05d}"
-
-
-@dataclasses.dataclass
-class ShapesRecords:
-  """The Shapes world's first num_examples scenes as records: scene i is item i."""
-  seed: int
-  num_examples: int
-  resolution: int
-
-  def __len__(self):
-    return self.num_examples
-
-  def __getitem__(self, i: int) -> dict:
-    scene = shapes.sample_scene(self.seed, int(i))
-    return {"image": shapes.render(scene, self.resolution), "caption": scene.caption,
-            "name": f"shapes/{self.seed}/{int(i)}"}
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -340,7 +323,7 @@ def source_records(kind: str, *, path: str = "", seed: int = 0, num_examples: in
   if kind == "shapes":
     if not num_examples:
       raise ValueError("--data_kind shapes needs --num_examples (the world is endless).")
-    return ShapesRecords(seed, num_examples, resolution), {"kind": "shapes", "seed": seed}
+    return sources.ShapesRecords(seed, num_examples, resolution), {"kind": "shapes", "seed": seed}
   if kind == "folder":
     if not path:
       raise ValueError("--data_kind folder needs --data_path.")

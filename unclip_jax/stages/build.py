@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from unclip_jax.data import sources
+from unclip_jax.data import batches as data_batches
 
 
 def build(config: ml_collections.ConfigDict, workdir: str):
@@ -11,7 +11,7 @@ def build(config: ml_collections.ConfigDict, workdir: str):
   if config.stage in ("sr1", "sr2"):  # the degraded low-res input is made in the data workers
     from unclip_jax.stages import upsampler
     example_fn = upsampler.example_fn(config)
-  batches = sources.make_batches(config.data, config.batch_size, config.resolution, example_fn)
+  batches = data_batches.make_batches(config.data, config.batch_size, config.resolution, example_fn)
   if config.stage == "clip":
     from unclip_jax.stages import clip
     return clip.ClipStage(config, workdir), batches
