@@ -15,6 +15,7 @@ def data_config(kind: str, **overrides) -> ml_collections.ConfigDict:
               name="coco_captions", split="train", image_key="image", caption_key="captions/text", data_dir="",
               # folder and tfds decoding (data/loader.py): worker processes, threads and batches buffered per process
               workers=0, threads=8, prefetch=2,
+              random_flip=False,  # off: a flip contradicts "left of" / "right of" captions
               # folder, tfds and shapes: a store of precomputed CLIP embeddings of the same items (data/embeddings.py)
               embeddings="")
   unknown = set(overrides) - set(data)

@@ -112,6 +112,20 @@ def test_worker_processes_do_not_change_the_stream(tmp_path):
   assert sum(b["corrupt"] for b in inline) >= 1
 
 
+def test_random_flip_mirrors_about_half_the_images_by_position(tmp_path):
+  rng = np.random.default_rng(0)
+  for i in range(16):
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / f"{i}.txt").write_text(str(i))
+  source = sources.folder_source(str(tmp_path))
+  plain, flipped = (next(_batches(source, 0, 16, 8, random_flip=f)) for f in (False, True))
+  mirrored = [not np.array_equal(a, b) for a, b in zip(plain["image"], flipped["image"])]
+  assert all(np.array_equal(a[:, ::-1], b) or np.array_equal(a, b) for a, b in zip(plain["image"], flipped["image"]))
+  assert 3 <= sum(mirrored) <= 13 and flipped["caption"] == plain["caption"]
+  again = next(_batches(source, 0, 16, 8, random_flip=True, workers=0))
+  np.testing.assert_array_equal(again["image"], flipped["image"])  # a function of the seed and position
+
+
 def test_shuffled_order_is_a_fresh_permutation_each_epoch_at_any_size():
   order = ordering.shuffled_order(50, seed=7)
   epochs = [[order[e * 50 + i] for i in range(50)] for e in range(3)]

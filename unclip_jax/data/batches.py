@@ -22,7 +22,7 @@ def make_batches(data: ml_collections.ConfigDict, batch_size: int, resolution: i
   generated stream leaves it to the stage."""
   kind, joined = data.kind, data.get("embeddings") or ""
   options = dict(seed=data.get("seed", 0), workers=data.get("workers", 0), threads=data.get("threads", 8),
-                 prefetch=data.get("prefetch", 2), example_fn=example_fn)
+                 prefetch=data.get("prefetch", 2), random_flip=data.get("random_flip", False), example_fn=example_fn)
   if kind == "shapes" and not joined:
     return lambda start, rows=None: _with_corrupt(shapes.batches(data.seed, resolution, batch_size, start=start,
                                                                  rows=rows))

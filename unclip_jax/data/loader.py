@@ -95,16 +95,21 @@ def replace_corrupt(batch: dict) -> dict:
   return dict(out, corrupt=len(bad), corrupt_names=[names[j] for j in bad])
 
 
-def prepare_example(example: tuple[int, dict], resolution: int, example_fn: ExampleFn | None) -> dict:
-  """decode_example, then the stage's own per-example work (example_fn; on a corrupt example's zero
-  image too, so every example has the same fields to batch)."""
+def prepare_example(example: tuple[int, dict], resolution: int, example_fn: ExampleFn | None,
+                    flip_seed: int | None = None) -> dict:
+  """decode_example, a horizontal flip with probability 1/2 if flip_seed is set (drawn from the seed
+  and the global position), then the stage's own per-example work (example_fn; on a corrupt
+  example's zero image too, so every example has the same fields to batch)."""
   out = decode_example(example, resolution)
+  if flip_seed is not None and "image" in out and np.random.default_rng([flip_seed, out["index"]]).random() < 0.5:
+    out["image"] = np.ascontiguousarray(out["image"][:, ::-1])
   return example_fn(out) if example_fn is not None else out
 
 
 def host_batches(records: Sequence[dict[str, Any]], *, start: int, batch_size: int, resolution: int,
                  rows: np.ndarray | None = None, seed: int = 0, workers: int = 0, threads: int = 8,
-                 prefetch: int = 2, example_fn: ExampleFn | None = None) -> Iterator[dict]:
+                 prefetch: int = 2, example_fn: ExampleFn | None = None, random_flip: bool = False
+                 ) -> Iterator[dict]:
   """This host's rows of every global batch from global position `start`, decoded and resized.
 
   workers: decoding processes (0: threads of this process, which PIL's codecs release the GIL
@@ -113,11 +118,13 @@ def host_batches(records: Sequence[dict[str, Any]], *, start: int, batch_size: i
   example_fn: more per-example work done where the decoding is (e.g. the upsamplers' degraded
   low-res input), a picklable function of the example (its "index" is its global position:
   seed from it, and the result is the same on any number of workers and hosts). A corrupt
-  example then takes a good example's fields, these included.
+  example then takes a good example's fields, these included. random_flip: off by default, as
+  a flip contradicts captions that say left or right.
   """
   rows = ordering.check_rows(rows, batch_size)
   ds = HostRows(records, ordering.shuffled_order(len(records), seed), start, batch_size, rows)
-  prepare = functools.partial(prepare_example, resolution=resolution, example_fn=example_fn)
+  prepare = functools.partial(prepare_example, resolution=resolution, example_fn=example_fn,
+                              flip_seed=seed if random_flip else None)
   ds = ds.map(prepare).batch(len(rows)).map(replace_corrupt)
   threads = max(threads, 1)  # grain's threads only work on batches its buffer has room for
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
