@@ -1,10 +1,73 @@
 """Settings every stage's config shares (mesh, logging, checkpoints, optimiser)."""
 
+import dataclasses
+
 import ml_collections
 
 from unclip_jax import optim, parallel
+from unclip_jax.models import unet as unet_lib
 
 STAGES = ("clip", "prior", "decoder", "sr1", "sr2")
+
+
+def parse_arg(arg: str, stages, **options) -> ml_collections.ConfigDict:
+  """A config file's ARG ("prior", "decoder,tiny", "sr1,tiny=True") -> {stage, *options}: the first
+  word names the stage (one of `stages`), later words set options declared here with their defaults
+  ("tiny" alone is tiny=True). Anything else is an error, so a typo ("prior,tine") never silently
+  trains another model."""
+  stage, *words = [w.strip() for w in (arg or "").split(",")]
+  if stage not in stages:
+    raise ValueError(f"unknown stage {stage!r} in config arg {arg!r}; expected one of {', '.join(stages)}.")
+  parsed = dict(options)
+  for word in words:
+    name, eq, value = word.partition("=")
+    if name not in options:
+      known = ", ".join(options) or "none"
+      raise ValueError(f"unknown option {name!r} in config arg {arg!r}; known options: {known}.")
+    default = options[name]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f"option {name!r} in config arg {arg!r} needs a value ({name}=...).")
+      parsed[name] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"option {name!r} in config arg {arg!r} is true or false, got {value!r}.")
+      parsed[name] = value.lower() in ("true", "1")
+    else:
+      try:
+        parsed[name] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"option {name!r} in config arg {arg!r} takes a {type(default).__name__}, "
+                         f"got {value!r}.") from None
+  return ml_collections.ConfigDict(dict(parsed, stage=stage))
+
+
+# UNetConfig fields that the stage sets (from the CLIP and its role), not the config.
+DERIVED_UNET_FIELDS = ("in_channels", "out_channels", "low_res_channels", "text_proj", "dtype")
+
+
+def unet_model(cfg: unet_lib.UNetConfig, **extra) -> ml_collections.ConfigDict:
+  """A UNetConfig as a config's `model` (tuples as lists, the stage-derived fields left out)."""
+  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()
+            if k not in DERIVED_UNET_FIELDS}
+  return ml_collections.ConfigDict(dict(fields, **extra))
+
+
+def tiny_unet(cfg: unet_lib.UNetConfig) -> unet_lib.UNetConfig:
+  """The same U-Net shape (levels, attention, conditioning) at a size a laptop trains in seconds:
+  16 channels per unit of the original's channel multipliers, one layer per level."""
+  base = cfg.block_channels[0]
+  return dataclasses.replace(cfg, block_channels=tuple(16 * max(1, c // base) for c in cfg.block_channels),
+                             layers_per_block=1, head_dim=8, norm_groups=8,
+                             context_dim=32 if cfg.context_dim else None, time_embed_dim=None)
+
+
+def tiny_run(c: ml_collections.ConfigDict) -> None:
+  """A paper-shaped config's ",tiny" run settings: small batch, a few steps, every device on data."""
+  c.batch_size, c.total_steps = 8, 4
+  c.log_every, c.checkpoint_every, c.sample_every = 1, 2, 0
+  c.mesh.update(data=-1, fsdp=1)
+  c.compute_dtype = "float32"
 
 
 def data_config(kind: str, **overrides) -> ml_collections.ConfigDict:

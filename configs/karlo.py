@@ -4,9 +4,9 @@ configs for fine-tuning or re-training at Karlo's shapes:
   python train.py --config configs/karlo.py:decoder --workdir runs/karlo/decoder \\
       --config.clip_dir=/path/to/clip-vit-large-patch14 --config.data.path=/path/to/images
 
-ARG is prior, decoder or sr1 (Karlo has one 64 -> 256 upsampler; its release carries two weight
-sets, super_res_first for every step but the last and super_res_last for the last, which the
-converter puts into one sr1 export). To run the released weights, convert them instead
+ARG is prior, decoder or sr1, optionally with ",tiny" as in configs/paper.py (Karlo has one
+64 -> 256 upsampler; its release carries two weight sets, super_res_first for every step but the
+last and super_res_last for the last, which the converter puts into one sr1 export). To run the released weights, convert them instead
 (docs/karlo.md): python -m unclip_jax.convert --from diffusers --src karlo-v1-alpha --dst karlo.
 
 Everything but the architecture and the diffusion settings (data, batch, optimiser, mesh) is
@@ -16,6 +16,7 @@ guidance 4 (x_0 clamped to +-5 in the prior's normalised space), decoder guidanc
 
 import ml_collections
 
+from configs import common
 from configs import paper
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import unet as unet_lib
@@ -30,10 +31,9 @@ DIFFUSION = {
 GUIDANCE = {"prior": 4.0, "decoder": 8.0}
 
 
-def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
-  if stage not in DIFFUSION:
-    raise ValueError(f"Unknown Karlo stage {stage!r}; expected one of {sorted(DIFFUSION)} "
-                     "(Karlo has no 256 -> 1024 upsampler).")
+def get_config(arg: str = "decoder") -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, tuple(DIFFUSION), tiny=False)  # Karlo has no 256 -> 1024 upsampler
+  stage = a.stage
   steps, variance, prediction, clip_range = DIFFUSION[stage]
   c = paper.get_config(stage)
   c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000, variance_type=variance,
@@ -44,9 +44,11 @@ def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(width=karlo.width, num_layers=karlo.num_layers,
                                              num_heads=karlo.num_heads))
   elif stage == "decoder":
-    c.model = paper._unet_model(unet_lib.karlo_decoder(), extra_tokens=4)
+    c.model = common.unet_model(unet_lib.karlo_decoder(), extra_tokens=4)
   else:
-    c.model = paper._unet_model(unet_lib.karlo_super_res())
+    c.model = common.unet_model(unet_lib.karlo_super_res())
   if stage in GUIDANCE:
     c.guidance_scale = GUIDANCE[stage]
+  if a.tiny:
+    paper.shrink(c)
   return c

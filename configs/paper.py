@@ -3,9 +3,10 @@
   python train.py --config configs/paper.py:decoder --workdir runs/paper/decoder \\
       --config.clip_dir=/path/to/clip-vit-large-patch14 --config.data.path=/path/to/images
 
-ARG is prior, decoder, sr1 (64 -> 256) or sr2 (256 -> 1024). Data default to a
-folder of image-caption pairs (or webdataset shards); set --config.data.kind=tfds
-and --config.data.name=coco_captions for tensorflow-datasets. The mesh defaults
+ARG is prior, decoder, sr1 (64 -> 256) or sr2 (256 -> 1024), optionally with ",tiny" (e.g.
+configs/paper.py:decoder,tiny): the same stage with a model small enough to try it on a CPU.
+Data default to a folder of image-caption pairs (or webdataset shards); set
+--config.data.kind=tfds and --config.data.name=coco_captions for tensorflow-datasets. The mesh defaults
 to FSDP over every device; these models do not fit one device's memory. Repeated layers are
 scanned (scan_layers, docs/scaling.md: a smaller program compiles faster).
 """
@@ -24,18 +25,11 @@ _DIFFUSION = {
 }
 _BATCH = {"prior": 4096, "decoder": 2048, "sr1": 1024, "sr2": 512}
 _ITERATIONS = {"prior": 600_000, "decoder": 800_000, "sr1": 1_000_000, "sr2": 1_000_000}
-# Set by the stage (from the CLIP and the stage's role), not by the config.
-_DERIVED = ("in_channels", "out_channels", "low_res_channels", "text_proj", "dtype")
 
 
-def _unet_model(cfg: unet_lib.UNetConfig, **extra) -> ml_collections.ConfigDict:
-  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items() if k not in _DERIVED}
-  return ml_collections.ConfigDict(dict(fields, **extra))
-
-
-def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
-  if stage not in _DIFFUSION:
-    raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(_DIFFUSION)}.")
+def get_config(arg: str = "decoder") -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, tuple(_DIFFUSION), tiny=False)
+  stage = a.stage
   schedule, sample_steps, sampler, variance, prediction = _DIFFUSION[stage]
   c = common.base_config(stage)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
@@ -54,14 +48,29 @@ def get_config(stage: str = "decoder") -> ml_collections.ConfigDict:
     c.resolution = 224  # what CLIP embeds
     c.stats_batches = 16
   elif stage == "decoder":
-    c.model = _unet_model(unet_lib.paper_decoder(), extra_tokens=4)
+    c.model = common.unet_model(unet_lib.paper_decoder(), extra_tokens=4)
     c.resolution, c.decoder_resolution = 224, 64
     c.p_drop_image, c.p_drop_text = 0.1, 0.5
     c.guidance_scale = 3.0
   else:
     factory = unet_lib.paper_sr_64_256 if stage == "sr1" else unet_lib.paper_sr_256_1024
-    c.model = _unet_model(factory())
+    c.model = common.unet_model(factory())
     c.low_res_resolution, c.resolution = (64, 256) if stage == "sr1" else (256, 1024)
     c.augmentation = "blur" if stage == "sr1" else "bsr"
     c.crop_fraction = 0.25
+  if a.tiny:
+    shrink(c)
   return c
+
+
+def shrink(c: ml_collections.ConfigDict) -> None:
+  """",tiny": the stage's shapes and settings with a model small enough to try the whole pipeline on
+  a CPU (common.tiny_unet; a 2-layer, 64-wide prior)."""
+  if c.stage == "prior":
+    c.model.update(width=64, num_layers=2, num_heads=2)
+    c.stats_batches = 1
+  else:
+    c.model = common.unet_model(common.tiny_unet(unet_lib.UNetConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in c.model.items() if k != "extra_tokens"})),
+        **({"extra_tokens": c.model.extra_tokens} if "extra_tokens" in c.model else {}))
+  common.tiny_run(c)

@@ -29,8 +29,8 @@ VOCABULARY = ("a red green blue yellow purple circle square triangle left right 
 
 
 def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
-  stage, _, size = arg.partition(",")
-  tiny = size == "tiny"
+  a = common.parse_arg(arg, common.STAGES, tiny=False)
+  stage, tiny = a.stage, a.tiny
   c = common.base_config(stage)
   c.data = common.data_config("shapes")  # or --config.data.kind=folder|embeddings --config.data.path=...
   c.clip_dir = "runs/shapes/clip/export"
