@@ -125,9 +125,8 @@ def main(argv):
   if _NUM_PROMPTS.value < 2 or _BATCH_SIZE.value < 1 or _NUM_DISTRACTORS.value < 1:
     _fail("--num_prompts must be at least 2, --batch_size and --num_distractors at least 1.")
   if not _REAL_ONLY.value and not os.path.isdir(_CHECKPOINT.value):
-    what = ("the Shapes demo model is not in this checkout yet (issue #7 trains it into assets/shapes_demo)"
-            if _CHECKPOINT.value == DEMO_CHECKPOINT else f"checkpoint folder {_CHECKPOINT.value!r} does not exist")
-    _fail(f"{what}; pass --checkpoint DIR, or --real_only --clip DIR for the real-image row alone.")
+    _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist; pass --checkpoint DIR, or --real_only "
+          "--clip DIR for the real-image row alone.")
 
   import jax
   import numpy as np
@@ -160,7 +159,7 @@ def main(argv):
       _fail(str(e).splitlines()[0])
     clip = pipe.clip
     options = dict(pipeline_lib.PRESETS[_PRESET.value]) if _PRESET.value else None
-    jobs = list(zip(captions, range(_SEED.value, _SEED.value + n)))
+    jobs = list(zip(captions, range(_SEED.value, _SEED.value + n), strict=True))
     start = time.perf_counter()
     generated = _batched(lambda chunk: pipe.text_to_image([p for p, _ in chunk], [s for _, s in chunk],
                                                           options=options, num_candidates=_CANDIDATES.value,

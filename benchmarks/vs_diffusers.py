@@ -1,6 +1,6 @@
 """Text to image, our Pipeline against diffusers' UnCLIPPipeline, on the same random model.
 
-A random UnCLIPPipeline with Karlo's component types (unclip_jax/convert/random_karlo.py;
+A random UnCLIPPipeline with Karlo's component types (tests/random_karlo.py;
 --size tiny: the parity tests' model, bench: Karlo's block structure with fewer channels
 and layers, 64 px decoder and 64 -> 256 upsampler) is saved as safetensors and converted
 by our converter; then both pipelines, in this one process, draw the same prompts with
@@ -52,9 +52,11 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a script from anywhere
+sys.path.insert(1, os.path.join(ROOT, "tests"))  # random_karlo.py: the tests' random Karlo builder
 
-_SIZE = flags.DEFINE_enum("size", "bench", ["tiny", "bench"], "Model size (unclip_jax/convert/random_karlo.py).")
+_SIZE = flags.DEFINE_enum("size", "bench", ["tiny", "bench"], "Model size (tests/random_karlo.py).")
 _BATCH = flags.DEFINE_integer("batch", 2, "Prompts per call.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per pipeline after the first (median reported).",
                                 lower_bound=1)
@@ -109,9 +111,10 @@ def timed_calls(call, repeats: int) -> dict:
 
 def build(size: str, tmp: str):
   """The random diffusers pipeline (in memory, as saved) and our checkpoint converted from its folder."""
+  import random_karlo
   from diffusers import UnCLIPPipeline
 
-  from unclip_jax.convert import diffusers_pipeline, random_karlo
+  from unclip_jax.convert import diffusers_pipeline
 
   pipe = UnCLIPPipeline(**random_karlo.components(tmp, size))
   src, dst = os.path.join(tmp, "diffusers"), os.path.join(tmp, "converted")
@@ -222,7 +225,7 @@ def matmul_peak(dtype: str, torch_device: str) -> float:
   best = 0.0
   for fn in (lambda: jax_matmul(a, a).block_until_ready(), torch_matmul):
     fn()
-    seconds = timed_calls(lambda i: fn(), 5)["steady_s"]
+    seconds = timed_calls(lambda i, fn=fn: fn(), 5)["steady_s"]
     best = max(best, 2 * n**3 / seconds)
   return best
 

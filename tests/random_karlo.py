@@ -1,8 +1,9 @@
 """Random diffusers UnCLIPPipeline components with Karlo's component types, at two sizes.
 
-Shared by tests/test_karlo_pipeline.py (parity with the converted checkpoint)
-and benchmarks/vs_diffusers.py (speed against diffusers), so both exercise the
-same architecture; it needs torch, diffusers and transformers, as the
+Test support, not library code: shared by tests/test_karlo_pipeline.py (parity with
+the converted checkpoint), tests/test_vs_diffusers.py and benchmarks/vs_diffusers.py
+(speed against diffusers, which puts tests/ on sys.path to import it), so all of them
+exercise the same architecture. It needs torch, diffusers and transformers, as the
 converter does.
 
 - "tiny": two U-Net levels, 16 -> 32 px, every width 32 or 64: the parity tests.
@@ -23,6 +24,11 @@ import dataclasses
 import os
 
 import torch
+from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from unclip_jax.stages import clip as clip_stage
 
 WORDS = ["a", "red", "circle", "blue", "square", "above"]  # the prompts' vocabulary (word tokenizer)
 
@@ -73,12 +79,6 @@ def components(tmp: str, size: str = "tiny") -> dict:
   """UnCLIPPipeline(**components(...))'s arguments: CLIP text model with projection, word tokenizer
   (written under tmp/tok), PriorTransformer, UNet2DConditionModel decoder + UnCLIPTextProjModel,
   UNet2DModel super_res_first / super_res_last, and Karlo's three UnCLIPSchedulers."""
-  from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
-  from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
-  from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-  from unclip_jax.stages import clip as clip_stage
-
   s = SIZES[size]
   levels = len(s.decoder_channels)
   tokenizer = clip_stage.write_word_tokenizer(WORDS, os.path.join(tmp, "tok"))

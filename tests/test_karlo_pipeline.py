@@ -4,20 +4,29 @@ code path, then both pipelines run with the same initial and per-step noise,
 steps and guidance; final images agree to 1e-3 (float32)."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import random_karlo  # noqa: E402
+from configs import karlo as karlo_configs  # noqa: E402
+from diffusers import UnCLIPImageVariationPipeline, UnCLIPPipeline, UnCLIPScheduler  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
 from unclip_oracle import FixedNoise  # noqa: E402
-from unclip_jax import pipeline  # noqa: E402
+from unclip_jax import imaging, pipeline  # noqa: E402
 from unclip_jax.convert.__main__ import main as convert_main  # noqa: E402
 from unclip_jax.convert.common import ConversionError  # noqa: E402
-from unclip_jax.convert import diffusers_pipeline, random_karlo  # noqa: E402
+from unclip_jax.convert import diffusers_pipeline  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
+from unclip_jax.models import prior as prior_lib  # noqa: E402
+from unclip_jax.models import unet as unet_lib  # noqa: E402
 from unclip_jax.pipeline import StageOptions  # noqa: E402
 
 WIDTH = random_karlo.SIZES["tiny"].clip_width  # CLIP hidden = projection = the prior's embedding width
@@ -29,8 +38,6 @@ GUIDANCE = {"prior": 4.0, "decoder": 8.0}
 
 @pytest.fixture(scope="module")
 def karlo(tmp_path_factory):
-  from diffusers import UnCLIPPipeline
-
   tmp = str(tmp_path_factory.mktemp("karlo"))
   pipe = UnCLIPPipeline(**random_karlo.components(tmp, "tiny"))
   src, dst = os.path.join(tmp, "diffusers"), os.path.join(tmp, "converted")
@@ -85,8 +92,6 @@ def float64_schedulers(pipe, monkeypatch):
   1.4e-3, and the random upsampler amplifies that to 0.14 max abs in the final image; with float64
   constants: z_i 4e-6, decoder 6e-5, final 3e-5.
   """
-  from diffusers import UnCLIPScheduler
-
   for scheduler in [c for c in pipe.components.values() if isinstance(c, UnCLIPScheduler)]:
     scheduler.betas = scheduler.betas.double()
     scheduler.alphas = 1.0 - scheduler.betas
@@ -130,10 +135,6 @@ def test_text_to_image_matches_unclip_pipeline(karlo, fixed_unclip_noise, monkey
 
 
 def test_missing_and_misshaped_tensors_are_named(karlo, tmp_path, capsys):
-  import shutil
-
-  from safetensors.numpy import load_file, save_file
-
   src = str(tmp_path / "broken")
   shutil.copytree(karlo["src"], src)
   path = os.path.join(src, "super_res_last", "diffusion_pytorch_model.safetensors")
@@ -158,9 +159,6 @@ def test_missing_and_misshaped_tensors_are_named(karlo, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def karlo_variations(tmp_path_factory):
-  from diffusers import UnCLIPImageVariationPipeline
-  from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
   tmp = str(tmp_path_factory.mktemp("karlo_variations"))
   parts = random_karlo.components(tmp, "tiny")
   for name in ("prior", "prior_scheduler"):
@@ -179,8 +177,6 @@ def karlo_variations(tmp_path_factory):
 
 
 def test_variations_match_unclip_image_variation_pipeline(karlo_variations, fixed_unclip_noise, monkeypatch):
-  from PIL import Image
-
   ours, ref = karlo_variations["ours"], karlo_variations["torch"]
   float64_schedulers(ref, monkeypatch)
   assert ours.stages == ("decoder", "sr1")
@@ -221,10 +217,6 @@ def _run_sample_py(argv):
 
 def test_sample_py_on_the_converted_variations_checkpoint(karlo_variations, tmp_path, monkeypatch):
   """sample.py --checkpoint CONVERTED: variations write the pipeline's images; text is a one-line error."""
-  from PIL import Image
-
-  from unclip_jax import imaging
-
   ours, dst = karlo_variations["ours"], karlo_variations["dst"]
   loaded = []
 
@@ -251,18 +243,14 @@ def test_sample_py_on_the_converted_variations_checkpoint(karlo_variations, tmp_
 
 
 def test_karlo_training_configs_hold_karlos_architecture():
-  from configs import karlo
-  from unclip_jax.models import prior as prior_lib
-  from unclip_jax.models import unet as unet_lib
-
-  prior = karlo.get_config("prior")
+  prior = karlo_configs.get_config("prior")
   assert (prior.model.width, prior.model.num_layers, prior.model.num_heads) == (2048, 20, 32)
   assert prior_lib.karlo_config().num_layers == 20
-  decoder = karlo.get_config("decoder")
+  decoder = karlo_configs.get_config("decoder")
   assert tuple(decoder.model.block_channels) == unet_lib.karlo_decoder().block_channels
   assert decoder.model.context_dim == 1536 and decoder.diffusion.variance_type == "learned_range"
   assert decoder.guidance_scale == 8.0 and decoder.sample_steps == 25
-  sr = karlo.get_config("sr1")
+  sr = karlo_configs.get_config("sr1")
   assert sr.model.scale_shift is False and sr.sample_steps == 7 and (sr.low_res_resolution, sr.resolution) == (64, 256)
   with pytest.raises(ValueError, match="no 256 -> 1024"):
-    karlo.get_config("sr2")
+    karlo_configs.get_config("sr2")

@@ -10,7 +10,6 @@ decoder for 3 steps.
 import os
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,9 +25,6 @@ def test_committed_notebook_has_no_outputs():
   assert all(not c.outputs and c.execution_count is None for c in code)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(CHECKPOINT, "pipeline.json")),
-                    reason=f"the shipped Shapes demo model is not in this checkout ({CHECKPOINT}/pipeline.json is "
-                           "missing; issue #7 commits it)")
 def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   for name, value in {"UNCLIP_NOTEBOOK_FAST": "1", "UNCLIP_DEMO_CHECKPOINT": CHECKPOINT,
                       "UNCLIP_NOTEBOOK_WORKDIR": str(tmp_path / "runs"), "UNCLIP_COMPILATION_CACHE": "",

@@ -8,7 +8,6 @@ import pytest
 
 from configs import shapes
 from unclip_jax import imaging, parallel, pipeline, train_loop
-from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import schedules
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.pipeline import StageOptions
@@ -172,7 +171,7 @@ def test_ddim_inversion_round_trip(pipe, monkeypatch):
   exact = pipeline.Pipeline(pipe.clip, pipe.params, pipe.configs)  # its own compiled functions
   options = {"decoder": StageOptions(10, "ddim", guidance_scale=3.0)}
   images = np.stack([IMAGE_A, IMAGE_A[::-1, ::-1]])
-  target = images_lib.to_model_range(imaging.square(images, 16))
+  target = imaging.to_model_range(imaging.square(images, 16))
   z = exact.image_embeddings(images)
 
   def error(x_T):

@@ -1,4 +1,6 @@
-"""Pictures in and out: loading and checking input images, uint8, grids, PNG files."""
+"""Pictures in and out, the one module for them: decoding (files, URIs, bytes, robust to bad
+files), checking, resizing (PIL, bicubic), value ranges (uint8 <-> the models' [-1, 1]), grids
+and PNG files. Sampling, training's data workers and the stages all use these."""
 
 import io
 import math
@@ -8,6 +10,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from unclip_jax import paths
+
+# What PIL raises for a truncated, corrupt or non-image file.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError)
 
 
 class ImageError(ValueError):
@@ -28,8 +33,17 @@ def load_image(path) -> np.ndarray:
     raise ImageError(f"image file {os.fspath(path)!r} does not exist.") from None
   except IsADirectoryError:
     raise ImageError(f"{os.fspath(path)!r} is a folder, not an image file.") from None
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  except DECODE_ERRORS as e:
     raise ImageError(f"cannot read {os.fspath(path)!r} as an image ({type(e).__name__}: {e}).") from None
+
+
+def decode(data: bytes) -> Image.Image:
+  """Encoded image bytes (JPEG, PNG, ...) -> a fully decoded PIL image; raises one of DECODE_ERRORS
+  for a truncated, corrupt or non-image file (data/loader.py then marks the example not ok and
+  fills its place in the batch with a good one)."""
+  image = Image.open(io.BytesIO(data))
+  image.load()  # PIL is lazy: force the full decode so truncated files fail here
+  return image
 
 
 def check_images(images, name: str = "images") -> np.ndarray:
@@ -46,18 +60,42 @@ def check_images(images, name: str = "images") -> np.ndarray:
   return images
 
 
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+  """Shortest side to `size` (bicubic, antialiased), centre crop -> uint8 [size, size, 3]."""
+  image = image.convert("RGB")
+  w, h = image.size
+  scale = size / min(w, h)
+  new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+  image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
+  left, top = (new_w - size) // 2, (new_h - size) // 2
+  return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
 def square(images, size: int) -> np.ndarray:
   """uint8 [N, H, W, 3] -> [N, size, size, 3]: shortest side to size (bicubic, antialiased), centre crop."""
   images = check_images(images)
   if images.shape[1:3] == (size, size):
     return images
-  from unclip_jax.data.images import resize_center_crop
-
   return np.stack([resize_center_crop(Image.fromarray(image), size) for image in images])
 
 
+def resize_batch(images, size: int) -> np.ndarray:
+  """uint8 [N, H, W, C] -> [N, size, size, C], bicubic with antialiasing (PIL); no crop, so a
+  non-square image is stretched."""
+  images = np.asarray(images)
+  if images.shape[1:3] == (size, size):
+    return images
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC, reducing_gap=None))
+                   for im in images])
+
+
+def to_model_range(images) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1], the diffusion models' range."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
 def to_uint8(images, value_range=(-1.0, 1.0)) -> np.ndarray:
-  """Float images in value_range -> uint8, rounded and clipped."""
+  """Float images in value_range (default the models' [-1, 1]) -> uint8, rounded and clipped."""
   low, high = value_range
   x = (np.asarray(images, np.float32) - low) / (high - low)
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)

@@ -37,7 +37,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import checkpoints, imaging, paths
-from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import samplers, schedules
 from unclip_jax.diffusion.slerp import slerp
 from unclip_jax.models import clip as clip_lib
@@ -448,7 +447,7 @@ class Pipeline:
     prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
     decoder = self.options_for("textdiff", options)["decoder"]
     iters = self.inversion_iters if fixed_point_iters is None else fixed_point_iters
-    x0 = images_lib.to_model_range(imaging.square(images, self.decoder_resolution))
+    x0 = imaging.to_model_range(imaging.square(images, self.decoder_resolution))
     total = self._padded(n)
     text = self.clip.encode_text(self._pad(prompts, total))
     cond = self._shard({"image_embed": self._pad(z_i, total), "text_embed": text.embedding,

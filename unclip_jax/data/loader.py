@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from unclip_jax.data import images as images_lib
+from unclip_jax import imaging
 from unclip_jax.data import ordering
 
 
@@ -71,9 +71,9 @@ def decode_example(example: tuple[int, dict], resolution: int) -> dict:
   if "image" in record:
     try:
       image = record["image"]
-      image = Image.fromarray(np.asarray(image)) if isinstance(image, np.ndarray) else images_lib.decode(image)
-      out["image"] = images_lib.resize_center_crop(image, resolution)
-    except images_lib.DECODE_ERRORS:
+      image = Image.fromarray(np.asarray(image)) if isinstance(image, np.ndarray) else imaging.decode(image)
+      out["image"] = imaging.resize_center_crop(image, resolution)
+    except imaging.DECODE_ERRORS:
       out["image"], out["ok"] = np.zeros((resolution, resolution, 3), np.uint8), False
   return out
 

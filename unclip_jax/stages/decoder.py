@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import imaging
-from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import gaussian, losses, samplers
 from unclip_jax.diffusion.schedules import Schedule, make_schedule
 from unclip_jax.models import unet as unet_lib
@@ -183,7 +182,7 @@ class DecoderStage:
     """Images at the decoder's resolution in [-1, 1] and their CLIP conditioning: precomputed (a batch
     joined to data.embeddings carries z_i [B, D], z_t [B, D], tokens [B, L, W] float16, mask [B, L]),
     else CLIP run on the batch."""
-    image = images_lib.to_model_range(images_lib.resize_batch(host_batch["image"], self.config.decoder_resolution))
+    image = imaging.to_model_range(imaging.resize_batch(host_batch["image"], self.config.decoder_resolution))
     if "z_i" in host_batch:
       return {"image": image, "image_embed": np.asarray(host_batch["z_i"], np.float32),
               "text_embed": np.asarray(host_batch["z_t"], np.float32),

@@ -22,7 +22,6 @@ import numpy as np
 
 from unclip_jax import imaging
 from unclip_jax.data import degradations
-from unclip_jax.data import images as images_lib
 from unclip_jax.diffusion import gaussian, losses, samplers
 from unclip_jax.diffusion.schedules import Schedule, make_schedule
 from unclip_jax.models import unet as unet_lib
@@ -170,7 +169,7 @@ class UpsamplerStage:
     else:
       seeds = [(self.config.seed, int(i)) for i in host_batch["index"]]
       low = degradations.make_low_res_batch(image, self.config.augmentation, self.config.low_res_resolution, seeds)
-    return {"image": images_lib.to_model_range(image), "low_res": images_lib.to_model_range(low)}
+    return {"image": imaging.to_model_range(image), "low_res": imaging.to_model_range(low)}
 
   def sample_images(self, params, rng):
     """Upsampled fixed low-res images: [low-res (nearest), sample, target] per example."""
