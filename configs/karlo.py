@@ -7,7 +7,8 @@ configs for fine-tuning or re-training at Karlo's shapes:
 ARG is prior, decoder or sr1, optionally with ",tiny" as in configs/paper.py (Karlo has one
 64 -> 256 upsampler; its release carries two weight sets, super_res_first for every step but the
 last and super_res_last for the last, which the converter puts into one sr1 export). To run the
-released weights, convert them instead (docs/karlo.md): python -m unclip_jax.convert --from diffusers --src karlo-v1-alpha --dst karlo.
+released weights, convert them instead (docs/karlo.md):
+  python -m unclip_jax.convert --from diffusers --src karlo-v1-alpha --dst karlo
 
 Everything but the architecture and the diffusion settings (data, batch, optimiser, mesh) is
 configs/paper.py's. Sampling defaults are UnCLIPPipeline's: 25 / 25 / 7 DDPM steps, prior
