@@ -1,94 +1,9 @@
-"""Trains one unCLIP stage (clip, prior, decoder, sr1, sr2), resuming from --workdir.
+"""`python train.py` in a checkout: the unclip-train program (unclip_jax/cli/train.py has it).
 
   python train.py --config configs/shapes.py:prior --workdir runs/shapes/prior [--config.key=value ...]
-
-On a TPU pod or a Slurm GPU cluster run the same command on every host with
---multihost (jax.distributed finds its peers). Elsewhere name them, e.g. two
-processes on one machine:
-  python train.py ... --coordinator_address=127.0.0.1:8476 --num_processes=2 --process_id=0
-  python train.py ... --coordinator_address=127.0.0.1:8476 --num_processes=2 --process_id=1
-SIGTERM or Ctrl-C (on any host) saves a checkpoint on all and exits; rerunning resumes,
-with any number of processes.
 """
 
-import logging as pylogging
-import sys
-
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, e.g. "
-                                          "configs/shapes.py:prior.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, samples and the export: a local "
-                               "path, or a URI such as gs://bucket/run or file:///abs/path.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with no arguments "
-                                "(TPU VMs, Slurm: the cluster tells each process its peers).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process "
-                                   "run without cluster auto-detection.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
-
-
-def parse_flags(argv):
-  """Flag errors (an unknown config key, a bad override) as one clear line."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).strip("'\"")
-    if isinstance(e, (AttributeError, KeyError)):
-      message = f"the config has no key {message!r} (check --config.* overrides)"
-    sys.exit(f"error: {message}")
-
-
-def distributed_args() -> dict | None:
-  """jax.distributed.initialize's arguments from the flags, or None for a single process."""
-  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if all(v is None for v in explicit):
-    return {} if _MULTIHOST.value else None
-  if any(v is None for v in explicit):
-    sys.exit("error: --coordinator_address, --num_processes and --process_id go together")
-  if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-    sys.exit(f"error: --process_id must be in 0..{_NUM_PROCESSES.value - 1}, got {_PROCESS_ID.value}")
-  return dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-              process_id=_PROCESS_ID.value)
-
-
-class _QuietLibraries(pylogging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the training log."""
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
-def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-  if _CONFIG.value is None or not _WORKDIR.value:
-    sys.exit("error: --config and --workdir are required, e.g. "
-             "python train.py --config configs/shapes.py:clip --workdir runs/shapes/clip")
-  from unclip_jax import parallel
-  from unclip_jax import train_loop
-
-  distributed = distributed_args()
-  if distributed is not None:
-    parallel.initialize_distributed(**distributed)
-  from unclip_jax.stages import build
-
-  config = _CONFIG.value
-  logging.info("Config:\n%s", config)
-  try:
-    train_loop.make_optimizer(config)  # a bad optim.* setting is a one-line error before anything compiles
-    stage, batches = build.build(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-  try:
-    train_loop.train(config, _WORKDIR.value, stage, batches)
-  except train_loop.TrainingDiverged as e:
-    sys.exit(f"error: {e}")
-
+from unclip_jax.cli.train import distributed_args, main, parse_flags, run  # noqa: F401  (train.main etc., as before)
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run()

@@ -1,0 +1,27 @@
+"""The command-line programs: unclip-train and unclip-sample once installed, or `python train.py` /
+`python sample.py` in a checkout (thin shims over these modules).
+
+Importing unclip_jax.cli.train or unclip_jax.cli.sample defines that program's absl flags in the
+global FLAGS, as the scripts always did: only the programs (and tests that drive them in-process)
+import them; `import unclip_jax` does not.
+"""
+
+import os
+import sys
+
+from absl import flags
+
+
+def show_in_help(module_name: str, doc: str):
+  """Makes --help of whatever started the program (a console script, or a checkout's shim) show
+  this program's usage and flags: absl prints __main__'s docstring and sys.argv[0]'s key flags."""
+  sys.modules["__main__"].__doc__ = doc
+  if module_name != "__main__":
+    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def command(script: str) -> str:
+  """How the user ran us, for usage hints in errors: "python train.py" or "unclip-train"."""
+  name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else script
+  return f"python {name}" if name.endswith(".py") else name

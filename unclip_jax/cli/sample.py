@@ -1,0 +1,247 @@
+"""Text -> image with unCLIP, and the paper's image applications.
+
+  unclip-sample --prompt "a red circle above a blue square"
+  unclip-sample --mode variations --image cat.png --num_images 4
+  unclip-sample --mode interpolate --image a.png --image2 b.png --num_frames 8
+  unclip-sample --mode textdiff --image a.png --prompt "a red circle" --prompt2 "a blue circle"
+
+(`python sample.py ...` from a checkout is the same program.) With no --checkpoint
+the shipped Shapes demo model is used. Writes one PNG per
+image with a JSON file of the same name beside it (prompt, seed, mode, frame
+and theta where they apply, all settings), and one grid PNG per call.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from unclip_jax import cli, paths
+from unclip_jax.cli import shipped
+
+# assets/shapes_demo in a checkout, unclip_jax/assets/shapes_demo in a wheel; None if neither is there.
+DEMO_CHECKPOINT = shipped.find(os.path.join("assets", "shapes_demo"))
+STAGES = ("prior", "decoder", "sr1", "sr2")
+
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption to draw (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one caption per line.")
+_UNCONDITIONAL = flags.DEFINE_bool("unconditional", False, "Sample with the empty caption (no --prompt).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt (text), or variations of --image.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the first image; image k uses seed + k.")
+_OUT = flags.DEFINE_string("out", "samples", "Output folder (a local path, or a gs:// or file:// URI).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", DEMO_CHECKPOINT, "Inference checkpoint folder (a local path, or a "
+                                  "gs:// or file:// URI; default: the shipped Shapes demo model).")
+_CLIP = flags.DEFINE_string("clip", None, "CLIP folder (default: the checkpoint's own).")
+_MODE = flags.DEFINE_enum("mode", "text", ["text", "variations", "interpolate", "textdiff"], "What to make.")
+_IMAGE = flags.DEFINE_string("image", None, "Input image file (variations, interpolate, textdiff).")
+_IMAGE2 = flags.DEFINE_string("image2", None, "Second image file (interpolate).")
+_PROMPT2 = flags.DEFINE_string("prompt2", None, "Target caption (textdiff; --prompt is the source caption).")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", 5, "Frames (interpolate), or thetas over [0, --max_theta] (textdiff).")
+_THETAS = flags.DEFINE_list("thetas", None, "Comma-separated thetas for textdiff (instead of --num_frames).")
+_MAX_THETA = flags.DEFINE_float("max_theta", 0.5, "Largest theta of textdiff's grid (the paper goes to about 0.5).")
+_INTERP_NOISE = flags.DEFINE_enum("interp_noise", "fixed", ["fixed", "slerp"],
+                                  "interpolate: one x_T (from --seed) for every frame, or slerp of the two "
+                                  "images' DDIM inversions.")
+_INVERSION_ITERS = flags.DEFINE_integer("inversion_iters", None,
+                                        "Fixed-point iterations per DDIM inversion step (default: the pipeline's).")
+_PRESET = flags.DEFINE_enum("preset", None, ["karlo", "paper"],
+                            "Per-stage steps and guidance (default: the checkpoint's recommended settings).")
+_UP_TO = flags.DEFINE_enum("up_to", None, list(STAGES), "Stop after this stage (e.g. decoder).")
+_CANDIDATES = flags.DEFINE_integer("prior_candidates", 2, "Prior draws per image; the best by z_t . z_i is kept.")
+_CACHE = flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "unclip_jax"),
+                             "JAX persistent compilation cache folder ('' to disable).")
+_STEPS = {s: flags.DEFINE_integer(f"{s}_steps", None, f"{s} sampling steps (default: the preset's).") for s in STAGES}
+_SAMPLERS = {s: flags.DEFINE_enum(f"{s}_sampler", None, ["ddpm", "ddim"], f"{s} sampler.") for s in STAGES}
+_GUIDANCE = {s: flags.DEFINE_float(f"{s}_guidance", None, f"{s} guidance scale.") for s in ("prior", "decoder")}
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta for every stage that samples with DDIM (interpolate and textdiff "
+                         "keep the decoder's at 0).")
+_THRESHOLD = flags.DEFINE_float("dynamic_threshold", None, "Imagen's dynamic thresholding quantile for images.")
+
+
+def _fail(message: str):
+  sys.exit(f"error: {message}")
+
+
+def _prompts() -> list[str]:
+  prompts = list(_PROMPT.value)
+  if _PROMPTS_FILE.value:
+    try:
+      lines = paths.as_path(_PROMPTS_FILE.value).read_text().splitlines()
+      prompts += [line.strip() for line in lines if line.strip()]
+    except OSError as e:
+      _fail(f"cannot read --prompts_file: {e}")
+  if _UNCONDITIONAL.value:
+    if prompts:
+      _fail("--unconditional samples without a caption; drop --prompt/--prompts_file.")
+    return [""]
+  if not prompts or not all(p.strip() for p in prompts):
+    _fail("give a non-empty --prompt (or --prompts_file); for samples without a caption pass --unconditional.")
+  return prompts
+
+
+def _image(flag):
+  from unclip_jax import imaging
+
+  try:
+    return imaging.load_image(flag.value)
+  except imaging.ImageError as e:
+    _fail(f"--{flag.name}: {e}")
+
+
+def _check_mode_flags(mode: str):
+  """One-line errors for flags a mode needs or does not use, before anything is loaded."""
+  needs = {"text": [], "variations": [_IMAGE], "interpolate": [_IMAGE, _IMAGE2],
+           "textdiff": [_IMAGE, _PROMPT2]}[mode]
+  for flag in needs:
+    if flag.value is None:
+      _fail(f"--mode={mode} needs --{flag.name}.")
+  unused = {"text": [_IMAGE, _IMAGE2, _PROMPT2], "variations": [_IMAGE2, _PROMPT2, _PROMPT, _PROMPTS_FILE],
+            "interpolate": [_PROMPT2, _PROMPT, _PROMPTS_FILE], "textdiff": [_IMAGE2, _PROMPTS_FILE]}[mode]
+  if mode != "text":
+    unused.append(_UNCONDITIONAL)
+  for flag in unused:
+    if flag.present:
+      what = "it decodes without a caption" if flag is _PROMPT else "it is not used there"
+      _fail(f"--{flag.name} does not apply to --mode={mode} ({what}).")
+  if mode == "textdiff":
+    if len(_PROMPT.value) != 1 or not _PROMPT.value[0].strip() or not _PROMPT2.value.strip():
+      _fail("--mode=textdiff needs one non-empty --prompt (the image's caption) and a non-empty --prompt2 "
+            "(the caption to move toward).")
+  if mode in ("interpolate", "textdiff") and _SAMPLERS["decoder"].value == "ddpm":
+    _fail(f"--mode={mode} decodes with DDIM (eta 0) from a fixed or inverted x_T; drop --decoder_sampler=ddpm.")
+  if mode == "interpolate" and _NUM_FRAMES.value < 2:
+    _fail("--num_frames must be at least 2 (the two end frames).")
+
+
+def _thetas() -> list[float]:
+  if _THETAS.value:
+    try:
+      return [float(t) for t in _THETAS.value]
+    except ValueError:
+      _fail(f"--thetas must be numbers separated by commas, got {','.join(_THETAS.value)!r}.")
+  if _NUM_FRAMES.value < 1:
+    _fail("--num_frames must be at least 1.")
+  import numpy as np
+
+  return [float(t) for t in np.linspace(0.0, _MAX_THETA.value, _NUM_FRAMES.value)]
+
+
+def _options(pipeline_lib, pipe, mode: str):
+  """The checkpoint's defaults (or --preset), adjusted for the mode, then the stage flags."""
+  import dataclasses
+
+  base = dict(pipeline_lib.PRESETS[_PRESET.value]) if _PRESET.value else None
+  options = pipe.options_for(mode, base)
+  for stage in STAGES:
+    changes = {}
+    if _STEPS[stage].value is not None:
+      changes["num_steps"] = _STEPS[stage].value
+    if _SAMPLERS[stage].value is not None:
+      changes["sampler"] = _SAMPLERS[stage].value
+    if stage in _GUIDANCE and _GUIDANCE[stage].value is not None:
+      changes["guidance_scale"] = _GUIDANCE[stage].value
+    if _ETA.value is not None:
+      changes["eta"] = _ETA.value
+    if _THRESHOLD.value is not None and stage != "prior":
+      changes["dynamic_threshold"] = _THRESHOLD.value
+    options[stage] = dataclasses.replace(options[stage], **changes)
+  return pipe.options_for(mode, options)  # interpolate / textdiff keep their deterministic decoder
+
+
+def _stem(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _absolute(path: str) -> str:
+  """For the JSON records: a local path made absolute, a URI (gs://) as given."""
+  return os.fspath(paths.absolute(path))
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {' '.join(argv[1:])}")
+  mode = _MODE.value
+  _check_mode_flags(mode)
+  prompts = _prompts() if mode == "text" else None
+  if _NUM_IMAGES.value < 1:
+    _fail("--num_images must be at least 1.")
+  thetas = _thetas() if mode == "textdiff" else None
+  images = {flag.name: _image(flag) for flag in (_IMAGE, _IMAGE2) if flag.value is not None}
+  if _CHECKPOINT.value is None:
+    _fail("this installation has no shipped demo model (assets/shapes_demo); pass --checkpoint DIR.")
+  if not paths.as_path(_CHECKPOINT.value).is_dir():
+    _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist.")
+
+  import jax
+  import numpy as np
+
+  if _CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  from unclip_jax import imaging, parallel
+  from unclip_jax import pipeline as pipeline_lib
+
+  mesh = parallel.sampling_mesh()
+  try:
+    pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh, progress=True)
+  except pipeline_lib.CheckpointError as e:
+    _fail(str(e))
+  if _INVERSION_ITERS.value is not None:
+    pipe.inversion_iters = _INVERSION_ITERS.value
+  options = _options(pipeline_lib, pipe, mode)
+  seed, up_to = _SEED.value, _UP_TO.value
+  extras = names = columns = None
+  try:
+    if mode == "text":
+      jobs = [(p, seed + i * _NUM_IMAGES.value + j) for i, p in enumerate(prompts) for j in range(_NUM_IMAGES.value)]
+      out = pipe.text_to_image([p for p, _ in jobs], [s for _, s in jobs], options,
+                               num_candidates=_CANDIDATES.value, up_to=up_to)
+    elif mode == "variations":
+      seeds = [seed + j for j in range(_NUM_IMAGES.value)]
+      out = pipe.variations(images["image"], seeds, options, up_to=up_to)
+      jobs = [("", s) for s in seeds]
+      extras = [{"image": _absolute(_IMAGE.value)} for _ in seeds]
+      names = [f"{pipeline_lib.slug(_stem(_IMAGE.value))}_variation_seed{s}" for s in seeds]
+    elif mode == "interpolate":
+      frames = _NUM_FRAMES.value
+      out = pipe.interpolate(images["image"], images["image2"], frames, seed=seed, options=options,
+                             noise=_INTERP_NOISE.value, up_to=up_to)
+      thetas = [float(t) for t in np.linspace(0.0, 1.0, frames)]
+      jobs = [("", seed)] * frames
+      extras = [{"image": _absolute(_IMAGE.value), "image2": _absolute(_IMAGE2.value), "frame": k,
+                 "theta": theta, "interp_noise": _INTERP_NOISE.value} for k, theta in enumerate(thetas)]
+      stem = f"interpolate_{pipeline_lib.slug(_stem(_IMAGE.value))}_{pipeline_lib.slug(_stem(_IMAGE2.value))}"
+      names = [f"{stem}_seed{seed}_frame{k:02d}" for k in range(frames)]
+      columns = frames
+    else:  # textdiff
+      source, target = _PROMPT.value[0], _PROMPT2.value
+      out = pipe.text_diff(images["image"], source, target, thetas, options, seed=seed, up_to=up_to)
+      jobs = [(source, seed)] * len(thetas)
+      extras = [{"image": _absolute(_IMAGE.value), "prompt2": target, "frame": k, "theta": theta}
+                for k, theta in enumerate(thetas)]
+      stem = f"textdiff_{pipeline_lib.slug(_stem(_IMAGE.value))}_{pipeline_lib.slug(target)}"
+      names = [f"{stem}_frame{k:02d}_theta{theta:.3f}" for k, theta in enumerate(thetas)]
+      columns = len(thetas)
+  except (imaging.ImageError, pipeline_lib.InputError, pipeline_lib.CheckpointError) as e:
+    _fail(str(e))  # e.g. text from a variations-only checkpoint (no prior)
+  settings = {"checkpoint": _absolute(_CHECKPOINT.value), "preset": _PRESET.value or "checkpoint",
+              "up_to": up_to, "mode": mode}
+  if mode == "text":
+    settings["prior_candidates"] = _CANDIDATES.value
+  if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):
+    settings["inversion_iters"] = pipe.inversion_iters
+  used = {s: o for s, o in options.items() if mode == "text" or s != "prior"}  # the applications start at z_i
+  written = pipeline_lib.write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names,
+                                     grid_columns=columns)
+  print("\n".join(written))
+
+
+def run():
+  """The unclip-sample console script (and `python sample.py`)."""
+  cli.show_in_help(__name__, __doc__)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
