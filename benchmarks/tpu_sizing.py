@@ -1,7 +1,7 @@
 """How the paper stages fit TPU pods: a table of `python -m unclip_jax.aot --fit_batch` runs.
 
   python -m benchmarks.tpu_sizing --stages prior,decoder,sr1,sr2 \\
-      --topologies v5e:16x16,v5p:4x4x4,v4:2x4x4 --remat off,on [--timeout 3600]
+      --topologies v5e:16x16,v5p:4x4x4,v4:2x4x4 --remat off,on [--timeout SECONDS]
   python -m benchmarks.tpu_sizing --table   # only print the table of the results so far
 
 Each case (stage x topology x remat) compiles configs/paper.py's train step for the topology
@@ -95,7 +95,9 @@ def main():
   parser.add_argument("--stages", default="prior,decoder,sr1,sr2")
   parser.add_argument("--topologies", default="v5e:16x16,v5p:4x4x4,v4:2x4x4")
   parser.add_argument("--remat", default="off,on", help="off, on or off,on")
-  parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
+  parser.add_argument("--timeout", type=float, default=7 * 86400,
+                      help="wall-clock seconds per case (a paper U-Net compile takes 30-55 CPU-minutes on 2 "
+                           "cores, far longer beside other work: a short limit throws finished work away)")
   parser.add_argument("--results", default=RESULTS)
   parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
   parser.add_argument("--paper_batch_only", action="store_true",
