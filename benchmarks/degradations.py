@@ -13,29 +13,22 @@ per example, on the default JAX device.
 """
 
 import argparse
-import io
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from unclip_jax.data import degradations as deg
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import bsr_reference  # noqa: E402  (tests/: the plain BSR chain the tests check against)
 
 # ----------------------------------------------------------------------------
 # The implementation before the fast path (reference only).
 # ----------------------------------------------------------------------------
-
-
-def _old_resize(x, size, method):
-  h, w = size
-  if x.shape[:2] == (h, w):
-    return x
-  resample = deg._RESAMPLE[method]
-  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c], np.float32)).resize((w, h), resample))
-           for c in range(x.shape[-1])]
-  return np.stack(chans, axis=-1)
 
 
 def _old_blur_np(x, sigma, kernel_size):
@@ -58,49 +51,15 @@ def _old_filter2d(x, kernel):
   return out[2 * r:2 * r + h, 2 * r:2 * r + w].astype(x.dtype)
 
 
-def _old_jpeg(x, quality):
-  u8 = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-  buf = io.BytesIO()
-  Image.fromarray(u8).save(buf, format="JPEG", quality=int(quality))
-  buf.seek(0)
-  return np.asarray(Image.open(buf)).astype(np.float32) / 255.0
-
-
 def old_bsr_degrade(image, seed, out_size, cfg=None):
-  cfg = cfg or deg.BSRConfig()
-  rng = np.random.default_rng(seed)
-  x = image.astype(np.float32) / 255.0  # [H, W, 3]
-  for rnd in range(2):
-    for op in rng.permutation(4):
-      if op == 0 and rng.random() < cfg.blur_prob[rnd]:
-        lo, hi = cfg.blur_sigma[rnd]
-        if rng.random() < cfg.anisotropic_prob:
-          (sx, sy), theta = rng.uniform(lo, hi, size=2), rng.uniform(0.0, np.pi)
-        else:
-          sx = sy = rng.uniform(lo, hi)
-          theta = 0.0
-        size = min(2 * int(np.ceil(3.0 * max(sx, sy))) + 1, cfg.max_kernel_size)
-        x = _old_filter2d(x, deg.gaussian_kernel_2d(sx, sy, theta, size).astype(np.float32))
-      elif op == 1:
-        mode = rng.choice(3, p=np.asarray(cfg.resize_probs) / np.sum(cfg.resize_probs))
-        factor = (rng.uniform(*cfg.resize_up[rnd]), rng.uniform(*cfg.resize_down[rnd]), 1.0)[mode]
-        method = cfg.resize_methods[rng.integers(len(cfg.resize_methods))]
-        hw = tuple(max(int(round(n * factor)), int(np.ceil(cfg.min_size_ratio * out_size)), 1) for n in x.shape[:2])
-        x = _old_resize(x, hw, method)
-      elif op == 2 and rng.random() < cfg.noise_prob[rnd]:
-        sigma = rng.uniform(*cfg.noise_sigma[rnd])
-        shape = x.shape[:2] + (1,) if rng.random() < cfg.grey_noise_prob else x.shape
-        x = x + np.float32(sigma) * rng.standard_normal(shape, dtype=np.float32)
-      elif op == 3 and rng.random() < cfg.jpeg_prob[rnd]:
-        lo, hi = cfg.jpeg_quality[rnd]
-        x = _old_jpeg(x, rng.integers(lo, hi + 1))
-      x = np.clip(x, 0.0, 1.0)
-  x = _old_resize(x, (out_size, out_size), cfg.resize_methods[rng.integers(len(cfg.resize_methods))])
-  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+  """The chain as it ran before the fast path: HWC, NumPy's FFT at the raw padded length, PIL per
+  channel (tests/bsr_reference.py's chain with the old primitives)."""
+  return bsr_reference.plain_bsr(image, seed, out_size, cfg,
+                                 filter2d=lambda x, k: _old_filter2d(x, k.astype(np.float32)))
 
 
 def old_make_low_res_blur(image, out_size):
-  x = _old_resize(image.astype(np.float32) / 255.0, (out_size, out_size), "bicubic")
+  x = bsr_reference.pil_resize(image.astype(np.float32) / 255.0, (out_size, out_size), "bicubic")
   x = _old_blur_np(x, deg.PAPER_BLUR_SIGMA, deg.PAPER_BLUR_KERNEL_SIZE)
   return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 

@@ -1,14 +1,13 @@
 """Conditioning augmentation: blur vs SciPy, random-sigma blur, BSR determinism and strength."""
 
 import dataclasses
-import io
 
 import jax
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-from PIL import Image
 
+import bsr_reference
 from unclip_jax.data import degradations as deg
 
 
@@ -41,51 +40,13 @@ def scipy_blur(images, sigma, kernel_size, mode="reflect"):
 
 
 def reference_bsr(image, seed, out_size, cfg=None):
-  """The BSR chain written plainly on [H, W, C]: direct 2-D correlation in float64, PIL per channel, same draws.
-
-  bsr_degrade computes the same thing planar with a float32 FFT, in-place ops and fewer clips.
-  """
-  cfg = cfg or deg.BSRConfig()
-  rng = np.random.default_rng(seed)
-  x = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-
-  def resize(x, hw, method):
-    if x.shape[:2] == hw:
-      return x
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c])).resize(hw[::-1], deg._RESAMPLE[method]))
-                     for c in range(x.shape[-1])], -1)
-
-  for rnd in range(2):
-    for op in rng.permutation(4) if cfg.shuffle else range(4):
-      if op == 0 and rng.random() < cfg.blur_prob[rnd]:
-        lo, hi = cfg.blur_sigma[rnd]
-        if rng.random() < cfg.anisotropic_prob:
-          (sx, sy), theta = rng.uniform(lo, hi, size=2), rng.uniform(0.0, np.pi)
-        else:
-          sx = sy = rng.uniform(lo, hi)
-          theta = 0.0
-        k = deg.gaussian_kernel_2d(sx, sy, theta, min(2 * int(np.ceil(3.0 * max(sx, sy))) + 1, cfg.max_kernel_size))
-        x = np.stack([ndi.correlate(x[..., c].astype(np.float64), k, mode="reflect") for c in range(x.shape[-1])], -1)
-        x = x.astype(np.float32)
-      elif op == 1:
-        mode = rng.choice(3, p=np.asarray(cfg.resize_probs) / np.sum(cfg.resize_probs))
-        factor = (rng.uniform(*cfg.resize_up[rnd]), rng.uniform(*cfg.resize_down[rnd]), 1.0)[mode]
-        method = cfg.resize_methods[rng.integers(len(cfg.resize_methods))]
-        hw = tuple(max(int(round(n * factor)), int(np.ceil(cfg.min_size_ratio * out_size)), 1) for n in x.shape[:2])
-        x = resize(x, hw, method)
-      elif op == 2 and rng.random() < cfg.noise_prob[rnd]:
-        sigma = rng.uniform(*cfg.noise_sigma[rnd])
-        shape = x.shape[:2] + (1,) if rng.random() < cfg.grey_noise_prob else x.shape
-        x = x + np.float32(sigma) * rng.standard_normal(shape, dtype=np.float32)
-      elif op == 3 and rng.random() < cfg.jpeg_prob[rnd]:
-        lo, hi = cfg.jpeg_quality[rnd]
-        buf = io.BytesIO()
-        Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)).save(
-            buf, format="JPEG", quality=int(rng.integers(lo, hi + 1)))
-        x = np.asarray(Image.open(buf)).astype(np.float32) / 255.0
-      x = np.clip(x, 0.0, 1.0)
-  x = resize(x, (out_size, out_size), cfg.resize_methods[rng.integers(len(cfg.resize_methods))])
-  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8) if image.dtype == np.uint8 else np.clip(x, 0, 1)
+  """The BSR chain written plainly (tests/bsr_reference.py): direct 2-D correlation in float64, PIL
+  per channel, the same draws. bsr_degrade computes the same thing planar with a float32 FFT,
+  in-place ops and fewer clips."""
+  def correlate(x, k):
+    return np.stack([ndi.correlate(x[..., c].astype(np.float64), k, mode="reflect")
+                     for c in range(x.shape[-1])], -1).astype(np.float32)
+  return bsr_reference.plain_bsr(image, seed, out_size, cfg, filter2d=correlate)
 
 
 # ----------------------------------------------------------------------------
