@@ -22,37 +22,37 @@ def make_batches(data: ml_collections.ConfigDict, batch_size: int, resolution: i
   generated stream leaves it to the stage."""
   kind, joined = data.kind, data.get("embeddings") or ""
   options = dict(seed=data.get("seed", 0), workers=data.get("workers", 0), threads=data.get("threads", 8),
-                 prefetch=data.get("prefetch", 2), random_flip=data.get("random_flip", False), example_fn=example_fn)
+                 prefetch=data.get("prefetch", 2), random_flip=data.get("random_flip", False),
+                 example_fn=example_fn)
   if kind == "shapes" and not joined:
     return lambda start, rows=None: _with_corrupt(shapes.batches(data.seed, resolution, batch_size, start=start,
                                                                  rows=rows))
-  if kind in ("shapes", "folder", "tfds"):
-    if kind == "shapes":
-      records = None  # sized by the store below
-    elif kind == "folder":
-      if not data.get("path"):
-        raise ValueError("data.kind=folder needs data.path, a folder of images with captions (or .tar shards).")
-      records = sources.folder_source(data.path)
-    else:
-      records = sources.TfdsRecords(data.name, data.split, image_key=data.get("image_key", "image"),
-                            caption_key=data.get("caption_key", "captions/text"), data_dir=data.get("data_dir") or None)
-    if joined:
-      store = embeddings.EmbeddingShards(joined)
-      if records is None:
-        records = sources.ShapesRecords(data.get("seed", 0), len(store), resolution)
-      records = embeddings.JoinedRecords(records, store)
-    return lambda start, rows=None: loader.host_batches(records, start=start, batch_size=batch_size,
-                                                        resolution=resolution, rows=rows, **options)
   if kind == "embeddings":
     if not data.get("path"):
       raise ValueError("data.kind=embeddings needs data.path, written by `python -m unclip_jax.data.embeddings`.")
     if joined:
       raise ValueError("data.embeddings joins a store to images (kind folder, tfds or shapes); kind=embeddings "
                        "reads its store from data.path alone.")
-    store = embeddings.EmbeddingShards(data.path, skip_corrupt=True)  # no images: the prior's data
-    return lambda start, rows=None: loader.host_batches(store, start=start, batch_size=batch_size,
-                                                        resolution=resolution, rows=rows, **options)
-  raise ValueError(f"unknown data kind {kind!r}; expected 'shapes', 'folder', 'tfds' or 'embeddings'.")
+    records = embeddings.EmbeddingShards(data.path, skip_corrupt=True)  # no images: the prior's data
+  elif kind == "folder":
+    if not data.get("path"):
+      raise ValueError("data.kind=folder needs data.path, a folder of images with captions (or .tar shards).")
+    records = sources.folder_source(data.path)
+  elif kind == "tfds":
+    records = sources.TfdsRecords(data.name, data.split, image_key=data.get("image_key", "image"),
+                                  caption_key=data.get("caption_key", "captions/text"),
+                                  data_dir=data.get("data_dir") or None)
+  elif kind == "shapes":
+    records = None  # joined: the store's first len(store) scenes, below
+  else:
+    raise ValueError(f"unknown data kind {kind!r}; expected 'shapes', 'folder', 'tfds' or 'embeddings'.")
+  if joined:
+    store = embeddings.EmbeddingShards(joined)
+    if records is None:
+      records = sources.ShapesRecords(data.get("seed", 0), len(store), resolution)
+    records = embeddings.JoinedRecords(records, store)
+  return lambda start, rows=None: loader.host_batches(records, start=start, batch_size=batch_size,
+                                                      resolution=resolution, rows=rows, **options)
 
 
 def _with_corrupt(stream):

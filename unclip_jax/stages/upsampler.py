@@ -167,8 +167,9 @@ class UpsamplerStage:
     if "low_res" in host_batch:
       low = np.asarray(host_batch["low_res"])
     else:
-      seeds = [(self.config.seed, int(i)) for i in host_batch["index"]]
-      low = degradations.make_low_res_batch(image, self.config.augmentation, self.config.low_res_resolution, seeds)
+      make = example_fn(self.config)
+      low = np.stack([make({"image": im, "index": i})["low_res"]
+                      for im, i in zip(image, host_batch["index"], strict=True)])
     return {"image": imaging.to_model_range(image), "low_res": imaging.to_model_range(low)}
 
   def sample_images(self, params, rng):
