@@ -3,7 +3,10 @@ equal to CLIP's own encodings, streamed to the prior alone and joined to images 
 
 import os
 import shutil
+import subprocess
+import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,6 +38,11 @@ def _folder(root, n, corrupt=()):
   return str(root)
 
 
+def _data(kind, **fields):
+  """A training config's `data` (configs/common.data_config's keys that the source reads)."""
+  return ml_collections.ConfigDict(dict(kind=kind, seed=0, **fields))
+
+
 def _assert_equals_clip(clip, store, images, captions):
   got = {k: np.stack([store[i][k] for i in range(len(store))]) for k in embeddings.FIELDS}
   assert [store[i]["caption"] for i in range(len(store))] == captions
@@ -47,7 +55,7 @@ def _assert_equals_clip(clip, store, images, captions):
 
 
 def test_two_processes_write_shards_that_resume(tmp_path, clip, monkeypatch):
-  records, source = embeddings.source_records("folder", path=_folder(tmp_path / "images", 10))
+  records, source = data_batches.source_records(_data("folder", path=_folder(tmp_path / "images", 10)), 32)
   out = str(tmp_path / "emb")
   kw = dict(source=source, shard_size=4, batch_size=BATCH, resolution=32, process_count=2, progress=False)
   assert not embeddings.write(clip, records, out, process_index=0, **kw)  # shards 0 and 2 (4 + 2 items)
@@ -76,7 +84,7 @@ def test_two_processes_write_shards_that_resume(tmp_path, clip, monkeypatch):
 
 def test_corrupt_images_are_skipped_alone_and_replaced_when_joined(tmp_path, clip):
   folder = _folder(tmp_path / "images", 4, corrupt=(2,))
-  records, source = embeddings.source_records("folder", path=folder)
+  records, source = data_batches.source_records(_data("folder", path=folder), 32)
   out = str(tmp_path / "emb")
   assert embeddings.write(clip, records, out, source=source, shard_size=3, batch_size=BATCH, resolution=32,
                           progress=False)
@@ -94,7 +102,7 @@ def test_corrupt_images_are_skipped_alone_and_replaced_when_joined(tmp_path, cli
 def shapes_store(tmp_path_factory, clip):
   """Shapes scenes 0 .. 11 in shards of 5 (5, 5, 2)."""
   out = str(tmp_path_factory.mktemp("shapes_emb"))
-  records, source = embeddings.source_records("shapes", num_examples=12, resolution=32)
+  records, source = data_batches.source_records(_data("shapes"), 32, num_examples=12)
   assert embeddings.write(clip, records, out, source=source, shard_size=5, batch_size=BATCH, resolution=32,
                           progress=False)
   return out
@@ -139,5 +147,27 @@ def test_prior_streams_shards_once_per_epoch_and_resumes(shapes_store, clip):
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="python -m unclip_jax.data.embeddings"):
+  with pytest.raises(FileNotFoundError, match="unclip-embed"):
     embeddings.EmbeddingShards(str(tmp_path))
+
+
+def test_unclip_embed_writes_the_store_training_reads(shapes_store, shapes_clip_dir, tmp_path):
+  """The command writes the rows the library writes (another shard and batch size), and says what
+  is wrong with bad flags in one line."""
+  out = str(tmp_path / "cli")
+  command = [sys.executable, "-m", "unclip_jax.cli.embed", "--clip", shapes_clip_dir, "--out", out,
+             "--data_kind", "shapes", "--num_examples", "4", "--shard_size", "3", "--batch_size", "2",
+             "--resolution", "32"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  store, reference = embeddings.EmbeddingShards(out), embeddings.EmbeddingShards(shapes_store)
+  assert len(store) == 4 and store.index["num_shards"] == 2 and store.index["source"] == reference.index["source"]
+  for i in range(4):
+    assert store[i]["caption"] == reference[i]["caption"]
+    for k in embeddings.FIELDS:
+      np.testing.assert_allclose(np.asarray(store[i][k], np.float32), np.asarray(reference[i][k], np.float32),
+                                 rtol=1e-3, atol=1e-3)
+  bad = subprocess.run(command[:-8], env=env, capture_output=True, text=True, timeout=600)  # no --num_examples
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == "error: a Shapes world is endless: say how many scenes (--num_examples)."

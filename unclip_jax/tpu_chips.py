@@ -11,6 +11,8 @@ import math
 import os
 import re
 
+from jax.experimental import topologies
+
 GB = 10**9
 
 
@@ -105,8 +107,6 @@ def compile_only_devices(topology: Topology) -> list:
   # No TPU host to discover: skip the metadata-server query and its warnings.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  from jax.experimental import topologies
-
   try:
     devices = topologies.get_topology_desc(
         topology.libtpu_name, "tpu", chip_config_name=topology.chip.chip_config,

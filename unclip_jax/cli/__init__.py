@@ -6,6 +6,7 @@ global FLAGS, as the scripts always did: only the programs (and tests that drive
 import them; `import unclip_jax` does not.
 """
 
+import contextlib
 import os
 import sys
 
@@ -25,3 +26,15 @@ def command(script: str) -> str:
   """How the user ran us, for usage hints in errors: "python train.py" or "unclip-train"."""
   name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else script
   return f"python {name}" if name.endswith(".py") else name
+
+
+@contextlib.contextmanager
+def needs_train_extra(job: str = "training"):
+  """A library only training needs, missing from a sampling-only install, as a one-line error."""
+  try:
+    yield
+  except ModuleNotFoundError as e:
+    if (e.name or "").partition(".")[0] in ("", "unclip_jax"):
+      raise
+    sys.exit(f"error: {job} needs {e.name!r}, which is not installed: pip install 'unclip-jax[train]' "
+             "(in a checkout: pip install -r requirements.txt)")

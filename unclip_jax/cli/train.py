@@ -16,7 +16,6 @@ SIGTERM or Ctrl-C (on any host) saves a checkpoint on all and exits; rerunning r
 with any number of processes.
 """
 
-import contextlib
 import logging as pylogging
 import sys
 
@@ -73,18 +72,6 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-@contextlib.contextmanager
-def _train_extra():
-  """A library only training uses, missing from a sampling-only install, as a one-line error."""
-  try:
-    yield
-  except ModuleNotFoundError as e:
-    if (e.name or "").partition(".")[0] in ("", "unclip_jax"):
-      raise
-    sys.exit(f"error: training needs {e.name!r}, which is not installed: pip install 'unclip-jax[train]' "
-             "(in a checkout: pip install -r requirements.txt)")
-
-
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -92,21 +79,21 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("error: --config and --workdir are required, e.g. "
              f"{cli.command('train.py')} --config configs/shapes.py:clip --workdir runs/shapes/clip")
-  with _train_extra():
+  with cli.needs_train_extra():
     from unclip_jax import parallel
     from unclip_jax import train_loop
 
   distributed = distributed_args()
   if distributed is not None:
     parallel.initialize_distributed(**distributed)
-  with _train_extra():
+  with cli.needs_train_extra():
     from unclip_jax.stages import build
 
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
   try:
     train_loop.make_optimizer(config)  # a bad optim.* setting is a one-line error before anything compiles
-    with _train_extra():  # e.g. tensorflow-datasets, imported only for data.kind=tfds
+    with cli.needs_train_extra():  # e.g. tensorflow-datasets, imported only for data.kind=tfds
       stage, batches = build.build(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

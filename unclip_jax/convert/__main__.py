@@ -8,6 +8,9 @@ import argparse
 import json
 import sys
 
+from unclip_jax.convert.common import ConversionError
+from unclip_jax.convert.diffusers_pipeline import convert
+
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m unclip_jax.convert", description=__doc__,
@@ -19,8 +22,6 @@ def main(argv=None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --dst")
   args = parser.parse_args(argv)
 
-  from unclip_jax.convert.common import ConversionError
-  from unclip_jax.convert.diffusers_pipeline import convert
   try:
     layout = convert(args.src, args.dst, overwrite=args.overwrite)
   except ConversionError as e:

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file
 
 
 class ConversionError(ValueError):
@@ -13,8 +14,6 @@ class ConversionError(ValueError):
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a .safetensors file, or of every such file in a folder."""
-  from safetensors.numpy import load_file
-
   if os.path.isdir(path):
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:

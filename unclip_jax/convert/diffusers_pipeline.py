@@ -17,12 +17,15 @@ missing / unused / mis-shaped tensor, a scheduler setting our samplers do not
 implement) is named in one ConversionError.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 
 import numpy as np
+import transformers
+from safetensors.numpy import save_file
 
 from unclip_jax import checkpoints
 from unclip_jax.convert import diffusers_prior, diffusers_unet
@@ -112,9 +115,6 @@ def convert_clip(src: str, dst: str, with_vision: bool):
   CLIPVisionModelWithProjection) are merged into one CLIPModel; without it
   the text model with its projection is written alone (model_type clip_text_model).
   """
-  import transformers
-  from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-
   text_dir = os.path.join(src, "text_encoder")
   text_cfg = _read_json(os.path.join(text_dir, "config.json")) if os.path.isfile(
       os.path.join(text_dir, "config.json")) else None
@@ -127,20 +127,19 @@ def convert_clip(src: str, dst: str, with_vision: bool):
       if not os.path.isfile(os.path.join(vision_dir, "config.json")):
         raise ConversionError(f"image_encoder: no config.json in {vision_dir!r}.")
       vision_state = _clip_state(vision_dir, "image_encoder", ("vision_model.", "visual_projection."))
-      text_config = CLIPTextConfig.from_pretrained(text_dir)
-      vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
+      text_config = transformers.CLIPTextConfig.from_pretrained(text_dir)
+      vision_config = transformers.CLIPVisionConfig.from_pretrained(vision_dir)
       if text_config.projection_dim != vision_config.projection_dim:
         raise ConversionError(f"text_encoder projects to {text_config.projection_dim}, image_encoder to "
                               f"{vision_config.projection_dim}: not one CLIP.")
-      config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
+      config = transformers.CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
                           projection_dim=text_config.projection_dim)
       state = {**text_state, **vision_state}  # logit_scale (unused here) keeps its initial value
       cls = transformers.FlaxCLIPModel
     else:
-      config = CLIPTextConfig.from_pretrained(text_dir)
+      config = transformers.CLIPTextConfig.from_pretrained(text_dir)
       state = text_state
       cls = transformers.FlaxCLIPTextModelWithProjection
-    from safetensors.numpy import save_file
     config.save_pretrained(tmp)
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
@@ -163,7 +162,6 @@ def convert_clip(src: str, dst: str, with_vision: bool):
 def _check_clip_state(tmp: str, with_vision: bool, source: str):
   """Loads the merged PyTorch weights with transformers' loading report: names every missing,
   unused or mis-shaped tensor (Flax's from_pt would silently initialise what it cannot fill)."""
-  import transformers
   cls = transformers.CLIPModel if with_vision else transformers.CLIPTextModelWithProjection
   try:
     _, info = cls.from_pretrained(tmp, output_loading_info=True, ignore_mismatched_sizes=True)
@@ -236,7 +234,6 @@ def convert(src: str, dst: str, overwrite: bool = False) -> dict:
   convert_clip(src, os.path.join(dst, "clip"), with_vision=kind == "variations")
   if prior is not None:
     cfg, variables, diffusion, clip_range = prior
-    import dataclasses
     checkpoints.export_inference(os.path.join(dst, "prior"), variables,
                                  {"stage": "prior", "model": dataclasses.asdict(cfg), "diffusion": diffusion})
     options["prior"] = {"num_steps": KARLO_DEFAULTS["prior_num_inference_steps"], "sampler": "ddpm",

@@ -2,9 +2,8 @@
 and caption, so the prior trains without images or CLIP, and the decoder reads item i's image
 beside its encodings (data.embeddings) instead of running CLIP each step.
 
-  python -m unclip_jax.data.embeddings --clip DIR --out DIR --data_kind folder --data_path IMAGES \\
-      [--num_examples N] [--shard_size 65536] [--process_index I --process_count P]
-  # or --data_kind tfds --tfds_name coco_captions --tfds_split train, or --data_kind shapes --num_examples N
+  unclip-embed --clip DIR --out DIR --data_kind folder --data_path IMAGES [--num_examples N] ...
+  (unclip_jax/cli/embed.py; python -m unclip_jax.cli.embed in a checkout)
 
 Layout of --out (items in source order, never shuffled; N = num_examples, S = shard_size):
   shard-00000/ .. shard-K/   rows k*S .. min((k+1)*S, N) - 1 of:
@@ -40,10 +39,8 @@ import grain
 import numpy as np
 import tqdm.auto
 from absl import flags
-from absl import logging
 
 from unclip_jax.data import loader
-from unclip_jax.data import sources
 
 FIELDS = {"z_t": np.float32, "z_i": np.float32, "tokens": np.float16, "mask": np.bool_}
 INDEX = "index.json"
@@ -221,9 +218,9 @@ def read_index(path: str) -> dict:
   started = glob.glob(os.path.join(path, "shard-*"))
   if started:
     raise FileNotFoundError(f"{path!r} holds {len(started)} complete shards but no {INDEX}: its writer has not "
-                            "finished; run `python -m unclip_jax.data.embeddings` again with the same flags.")
+                            "finished; run unclip-embed again with the same flags.")
   raise FileNotFoundError(f"{path!r} holds no embeddings (no {INDEX}); write them with "
-                          "`python -m unclip_jax.data.embeddings`.")
+                          "unclip-embed (python -m unclip_jax.cli.embed).")
 
 
 class EmbeddingShards:
@@ -311,69 +308,3 @@ class JoinedRecords:
     if int(i) in self._corrupt:
       out["image"] = b""
     return out
-
-
-# ------------------------------------------------------------------------------------------ command
-
-
-def source_records(kind: str, *, path: str = "", seed: int = 0, num_examples: int | None = None,
-                   resolution: int = 64, tfds_name: str = "", tfds_split: str = "train", image_key: str = "image",
-                   caption_key: str = "captions/text", data_dir: str = "") -> tuple[Any, dict]:
-  """(records, description) for the writer, built as data/sources.py builds them for training."""
-  if kind == "shapes":
-    if not num_examples:
-      raise ValueError("--data_kind shapes needs --num_examples (the world is endless).")
-    return sources.ShapesRecords(seed, num_examples, resolution), {"kind": "shapes", "seed": seed}
-  if kind == "folder":
-    if not path:
-      raise ValueError("--data_kind folder needs --data_path.")
-    records = sources.folder_source(path)
-    return records, {"kind": "folder", "path": path, "items": len(records)}
-  if kind == "tfds":
-    records = sources.TfdsRecords(tfds_name, tfds_split, image_key=image_key, caption_key=caption_key,
-                                  data_dir=data_dir or None)
-    return records, {"kind": "tfds", "name": tfds_name, "split": tfds_split, "items": len(records)}
-  raise ValueError(f"unknown data kind {kind!r}; expected shapes, folder or tfds.")
-
-
-def main(argv):
-  del argv
-  from unclip_jax.models import clip as clip_lib
-
-  f = flags.FLAGS
-  clip = clip_lib.load_clip(f.clip)
-  resolution = f.resolution or (clip.preprocess.crop_size[0] if clip.preprocess else 224)
-  records, source = source_records(f.data_kind, path=f.data_path or "", seed=f.seed, num_examples=f.num_examples,
-                                   resolution=resolution, tfds_name=f.tfds_name, tfds_split=f.tfds_split,
-                                   image_key=f.tfds_image_key, caption_key=f.tfds_caption_key,
-                                   data_dir=f.tfds_data_dir or "")
-  done = write(clip, records, f.out, source=source, num_examples=f.num_examples, shard_size=f.shard_size,
-               batch_size=f.batch_size, resolution=resolution, process_index=f.process_index,
-               process_count=f.process_count, workers=f.workers, threads=f.threads)
-  logging.info("%s: %s", f.out, "complete (index.json written)" if done else
-               "this process's shards written; index.json follows when the other processes finish")
-
-
-if __name__ == "__main__":
-  from absl import app
-
-  flags.DEFINE_string("clip", None, "CLIP folder (Hugging Face format, with its vision tower).", required=True)
-  flags.DEFINE_string("out", None, "Output folder (local or mounted); rerun the same command to resume.",
-                      required=True)
-  flags.DEFINE_enum("data_kind", "shapes", ["shapes", "folder", "tfds"], "Data source.")
-  flags.DEFINE_string("data_path", None, "Folder for --data_kind folder.")
-  flags.DEFINE_integer("num_examples", None, "Items 0 .. N-1 of the source (default: all; Shapes: required).")
-  flags.DEFINE_integer("shard_size", 65536, "Items per shard (the unit of resuming and of process work).")
-  flags.DEFINE_integer("process_index", 0, "This process writes shards k with k % process_count == process_index.")
-  flags.DEFINE_integer("process_count", 1, "Processes writing the store together.")
-  flags.DEFINE_string("tfds_name", "coco_captions", "Data set for --data_kind tfds.")
-  flags.DEFINE_string("tfds_split", "train", "Split for --data_kind tfds.")
-  flags.DEFINE_string("tfds_image_key", "image", "Image feature for --data_kind tfds.")
-  flags.DEFINE_string("tfds_caption_key", "captions/text", "Caption feature for --data_kind tfds.")
-  flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir.")
-  flags.DEFINE_integer("seed", 0, "Shapes world seed (--data_kind shapes).")
-  flags.DEFINE_integer("batch_size", 64, "Encoding batch size.")
-  flags.DEFINE_integer("resolution", 0, "Images are decoded at this size for CLIP (0: CLIP's input size).")
-  flags.DEFINE_integer("workers", 0, "Decoding processes (0: threads only).")
-  flags.DEFINE_integer("threads", 8, "Decoding threads per process.")
-  app.run(main)

@@ -114,7 +114,7 @@ class TfdsRecords:
 
   def __init__(self, name: str, split: str, *, image_key: str = "image", caption_key: str = "captions/text",
                data_dir: str | None = None):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # only tfds reads pay for importing TensorFlow (seconds, GBs)
 
     try:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir)

@@ -19,6 +19,7 @@ S_a S_b instead, as pytorch-fid does, dropping tiny imaginary parts.
 from typing import Sequence
 
 import numpy as np
+from scipy import linalg
 
 
 TIE_TOLERANCE = 1e-9  # cosine similarities closer than this are a tie (a miss)
@@ -93,8 +94,6 @@ def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray, method: str) -> fl
     inner = root_a @ cov_b @ root_a
     return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None))))
   if method == "sqrtm":
-    from scipy import linalg
-
     root = linalg.sqrtm(cov_a @ cov_b)
     if not np.all(np.isfinite(root)):  # singular product: offset the diagonals, as pytorch-fid does
       offset = np.eye(len(cov_a)) * 1e-6

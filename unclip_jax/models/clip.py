@@ -216,6 +216,8 @@ def load_clip(path: str, tokenizer_path: str | None = None, dtype=jnp.float32) -
 
 def _load_local(path: str, tokenizer_path: str | None, dtype, name: str, tokenizer_name: str | None) -> FrozenCLIP:
   """load_clip from local folders; messages name the folders as the caller gave them (name, tokenizer_name)."""
+  # Imported when a CLIP is loaded, not with this module: transformers' Flax CLIP takes seconds to import,
+  # and the encoding types above serve programs that never load one (unclip_jax.aot, the data stores).
   from transformers import CLIPConfig, CLIPTextConfig, CLIPTokenizer
   from transformers.models.clip import modeling_flax_clip as fc
 
