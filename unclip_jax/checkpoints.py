@@ -3,6 +3,7 @@ inference export that sample.py reads."""
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -38,6 +39,35 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Every step in the folder, newest first (whether or not it restores)."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    """The meta dict of `step` alone (no arrays read): what a resume checks before restoring."""
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Moves the folder of `step` (one that does not restore) to checkpoints/broken-STEP-TIME and returns
+    that path. Orbax ignores the new name, so it never deletes it (max_to_keep) and a later save of
+    the same step neither collides with it nor replaces it. Process 0 moves it; all processes return
+    after the move, seeing the steps that are left."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    if jax.process_count() > 1:  # one name on every process
+      stamp = multihost_utils.broadcast_one_to_all(np.frombuffer(stamp.encode(), np.uint8)).tobytes().decode()
+    target = self.directory / f"broken-{step}-{stamp}"
+    if jax.process_index() == 0:
+      source = self.directory / str(step)
+      try:
+        source.rename(target)
+      except Exception:  # some stores (gs://) rename no folders: copy, then remove the original
+        paths.copy_tree(source, target)
+        source.rmtree()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    self._manager.reload()
+    return target
 
   def restore(self, abstract_state=None, step: int | None = None):
     """(state, meta) of `step` (default: latest), or None if there is none.

@@ -62,6 +62,10 @@ class TrainingDiverged(RuntimeError):
   pass
 
 
+class ResumeError(RuntimeError):
+  """The workdir's checkpoints cannot resume this run: none restores, or they hold another model."""
+
+
 @contextlib.contextmanager
 def stop_requests():
   """Turns SIGTERM (preemption) and Ctrl-C into a stop the loop polls each step: stop_at(step).
@@ -143,12 +147,13 @@ def _model_config(stage):
 
 
 def restore_in_any_layout(ckpt: checkpoints.Checkpointer, abstract: training.TrainState, model_config, mesh,
-                          rules=parallel.DEFAULT_RULES):
-  """(state, meta) of the latest checkpoint, or None. A checkpoint written before the config's
-  scan_layers was flipped (e.g. configs/paper.py:prior's, now scanned) holds the other layout: it is
-  restored in that layout, sharded by the same rules, and converted (params, EMA, Adam moments)."""
+                          rules=parallel.DEFAULT_RULES, step: int | None = None):
+  """(state, meta) of `step` (default: the latest checkpoint), or None if there is none. A checkpoint
+  written before the config's scan_layers was flipped (e.g. configs/paper.py:prior's, now scanned)
+  holds the other layout: it is restored in that layout, sharded by the same rules, and converted
+  (params, EMA, Adam moments)."""
   try:
-    return ckpt.restore(abstract)
+    return ckpt.restore(abstract, step=step)
   except ValueError as e:
     if model_config is None or not hasattr(model_config, "scan_layers") or "do not match" not in str(e):
       raise
@@ -156,13 +161,178 @@ def restore_in_any_layout(ckpt: checkpoints.Checkpointer, abstract: training.Tra
   to_saved = scan_layout.to_unscanned if model_config.scan_layers else scan_layout.to_scanned
   saved = jax.eval_shape(lambda s: training.map_param_trees(s, lambda p: to_saved(p, model_config)), abstract)
   try:
-    state, meta = ckpt.restore(training.with_shardings(saved, training.state_shardings(saved, mesh, rules)))
+    state, meta = ckpt.restore(training.with_shardings(saved, training.state_shardings(saved, mesh, rules)), step=step)
   except ValueError:
     raise error from None
   convert = jax.jit(lambda s: training.map_param_trees(s, lambda p: scan_layout.match_layout(p, model_config)),
                     out_shardings=jax.tree.map(lambda s: s.sharding, abstract))
   logging.info("Converted the checkpoint's params to scan_layers=%s.", model_config.scan_layers)
   return convert(state), meta
+
+
+# Config keys whose values shape the trained state (params, optimizer moments, EMA): a checkpoint resumes
+# only under the same values. Every other key may change between runs (data and paths, batch size,
+# total_steps, intervals, mesh, optimiser settings). model.scan_layers is converted on restore
+# (restore_in_any_layout); remat, dropout and the CLIP's init change no shape.
+STATE_KEYS = ("stage", "model", "diffusion.variance_type")
+SHAPELESS_MODEL_KEYS = ("model.scan_layers", "model.remat", "model.dropout", "model.init")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _under(key: str, prefixes) -> bool:
+  return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def state_config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, current value) for every STATE_KEYS key that both configs (as JSON) set and
+  set differently. A key only one of them has is not a difference: configs gain and lose keys
+  that default to the old behaviour."""
+  saved, current = _flatten(saved), _flatten(current)
+  return [(k, saved[k], current[k]) for k in sorted(saved.keys() & current.keys())
+          if _under(k, STATE_KEYS) and not _under(k, SHAPELESS_MODEL_KEYS) and saved[k] != current[k]]
+
+
+def _short(value, limit: int = 40) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_saved_config(meta: dict, config_json: dict, step: int, directory):
+  """A ResumeError naming the keys if the checkpoint's saved config shapes another model."""
+  saved = meta.get("config") if isinstance(meta, dict) else None
+  if not isinstance(saved, dict):
+    return  # written without a config (or by hand): the restore itself checks the shapes
+  differences = state_config_differences(saved, config_json)
+  if differences:
+    listed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in differences)
+    raise ResumeError(f"the checkpoint at step {step} in {os.fspath(directory)} was trained with another model "
+                      f"config ({listed}): rerun with the values it was saved with, or use a new --workdir "
+                      f"for the new config.")
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  """A ValueError naming the first run setting (batch size, step counts, intervals) that cannot work."""
+  def need(key, minimum, default=None):
+    value = config.get(key, default)
+    if value is None:
+      return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f"config.{key} must be an integer >= {minimum}, got {value!r} "
+                       f"(set it with --config.{key}=N).")
+  need("batch_size", 1)
+  need("total_steps", 1)
+  need("grad_accum_steps", 1, 1)
+  need("log_every", 1)
+  need("checkpoint_every", 1)
+  need("keep_checkpoints", 1, 3)
+  need("sample_every", 0, 0)
+  ema = config.get("ema_decay")
+  if ema is not None and not 0 <= ema <= 1:
+    raise ValueError(f"config.ema_decay must be in [0, 1], got {ema!r}.")
+
+
+def check_workdir(workdir: str):
+  """A ValueError if a local workdir cannot be a folder: it, or a parent of it, is a file, or the
+  nearest existing folder above it is not writable. Remote URIs are checked by their first write."""
+  if paths.is_remote(workdir):
+    return
+  path = os.path.abspath(os.fspath(paths.as_path(workdir)))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = "is a file" if existing == path else f"is inside {existing!r}, which is a file"
+    raise ValueError(f"--workdir {workdir!r} {where}: name a folder (it is created if missing).")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir!r}: cannot write in {existing!r}; name a folder you can write to.")
+
+
+def _batch_divisor(config, mesh, rules) -> int:
+  divisor = parallel.batch_size_divisor(mesh, rules) * config.get("grad_accum_steps", 1)
+  if config.batch_size % divisor:
+    raise ValueError(f"batch_size {config.batch_size} must divide by the batch-sharding devices "
+                     f"({parallel.batch_size_divisor(mesh, rules)}) times grad_accum_steps.")
+  return divisor
+
+
+def _rules(config) -> tuple:
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules)
+
+
+def check_before_training(config: ml_collections.ConfigDict, workdir: str):
+  """What can be checked before any model is built, each a one-line error: the run settings
+  (ValueError), the mesh and the batch size's split over it (ValueError), the workdir (ValueError),
+  and the newest readable checkpoint's saved config against this one (ResumeError)."""
+  validate_config(config)
+  _batch_divisor(config, parallel.make_mesh(dict(config.mesh)), _rules(config))
+  check_workdir(workdir)
+  if not checkpoints.checkpoint_dir(workdir).exists():
+    return
+  ckpt = checkpoints.Checkpointer(workdir, save_every=config.checkpoint_every, keep=config.get("keep_checkpoints", 3))
+  try:
+    config_json = json.loads(config.to_json_best_effort())
+    for step in ckpt.all_steps():
+      try:
+        meta = ckpt.restore_meta(step)
+      except Exception:  # a broken checkpoint: resume() skips it
+        continue
+      _check_saved_config(meta, config_json, step, ckpt.directory)
+      return
+  finally:
+    ckpt.close()
+
+
+def _reason(error: BaseException, limit: int = 200) -> str:
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def resume(ckpt: checkpoints.Checkpointer, abstract: training.TrainState, model_config, mesh, rules,
+           config_json: dict | None = None):
+  """(state, meta) of the newest checkpoint that restores, or None if there is none.
+
+  A checkpoint that does not restore (truncated or damaged files: any error while reading that one
+  step) is skipped for the next older one. Once one restores, each skipped step is moved aside to
+  checkpoints/broken-STEP-TIME (never deleted; later saves of the same step number go to a fresh
+  folder) and logged in one line. If none restores, a ResumeError names each step's error and
+  nothing is moved. A checkpoint whose saved config shapes another model (config_json differs in
+  STATE_KEYS) stops the resume with a ResumeError: it is not broken, the config is.
+  """
+  skipped = []
+  for step in ckpt.all_steps():
+    try:
+      meta = ckpt.restore_meta(step)
+    except Exception as e:  # any error reading this one step: orbax, tensorstore and JSON raise many types
+      skipped.append((step, f"its meta does not read: {_reason(e)}"))
+      continue
+    if config_json is not None:
+      _check_saved_config(meta, config_json, step, ckpt.directory)
+    try:
+      restored = restore_in_any_layout(ckpt, abstract, model_config, mesh, rules, step=step)
+    except Exception as e:  # likewise
+      skipped.append((step, f"its state does not read: {_reason(e)}"))
+      continue
+    for bad, reason in skipped:
+      kept = ckpt.set_aside(bad)
+      logging.warning("Checkpoint step %d does not restore (%s): resuming from step %d instead; its files are "
+                      "kept in %s.", bad, reason, step, os.fspath(kept))
+    return restored
+  if skipped:
+    listed = "; ".join(f"step {s}: {r}" for s, r in skipped)
+    raise ResumeError(f"no checkpoint in {os.fspath(ckpt.directory)} restores ({listed}). If their files are "
+                      f"intact the config may shape another model than they hold: rerun with the config they were "
+                      f"saved with; else move the step folders aside to start afresh.")
+  return None
 
 
 class _DivergenceCheck:
@@ -191,21 +361,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
   """Trains until config.total_steps (resuming from workdir), then exports the EMA params.
 
   workdir (and config.export_dir) may be a local folder or a URI: gs://, file://."""
+  check_before_training(config, workdir)
   paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh(dict(config.mesh))
-  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules)
-  if config.batch_size % (parallel.batch_size_divisor(mesh, rules) * config.get("grad_accum_steps", 1)):
-    raise ValueError(f"batch_size {config.batch_size} must divide by the batch-sharding devices "
-                     f"({parallel.batch_size_divisor(mesh, rules)}) times grad_accum_steps.")
+  rules = _rules(config)
   tx, lr = make_optimizer(config)
   rng = jax.random.key(config.seed)
+  meta_config = json.loads(config.to_json_best_effort())
   state, shardings = training.create_train_state(stage.init_params, tx, rng, mesh, rules)
   logging.info("Mesh %s; parameter shardings:\n%s", dict(mesh.shape), parallel.describe(state.params, shardings.params))
   ckpt = checkpoints.Checkpointer(workdir, save_every=config.checkpoint_every,
                                   keep=config.get("keep_checkpoints", 3))
   position = 0
-  restored = restore_in_any_layout(ckpt, training.abstract_state(stage.init_params, tx, rng, shardings),
-                                   _model_config(stage), mesh, rules)
+  try:
+    restored = resume(ckpt, training.abstract_state(stage.init_params, tx, rng, shardings), _model_config(stage),
+                      mesh, rules, meta_config)
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     state, meta = restored
     position = meta["position"]
@@ -223,7 +396,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
                                                 just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config.items()})
-  meta_config = json.loads(config.to_json_best_effort())
   divergence = _DivergenceCheck()
   corrupt = _CorruptImages()
   bar = tqdm.auto.tqdm(total=config.total_steps, initial=start_step, desc=f"train {config.stage}",

@@ -41,14 +41,32 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 
 
+_CONFIG_FILE_ERROR = "Error whilst parsing config file:"  # ml_collections' wrapper, with a traceback in the text
+
+
+def _config_file_error(e: BaseException) -> str | None:
+  """The config file's own error (e.g. common.parse_arg's "unknown stage"), when ml_collections wrapped
+  it with its traceback as text: the first exception in the chain, its first line."""
+  if _CONFIG_FILE_ERROR not in str(e):
+    return None
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
 def parse_flags(argv):
-  """Flag errors (an unknown config key, a bad override) as one clear line."""
+  """Flag errors (an unknown config key, a bad override, a config arg the file rejects) as one clear line."""
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip("'\"")
     if isinstance(e, (AttributeError, KeyError)):
       message = f"the config has no key {message!r} (check --config.* overrides)"
+    cause = _config_file_error(e)
+    if cause is not None:  # "flag --config=PATH:ARG: Error whilst parsing config file: ... Traceback ..."
+      flag = message.partition(": " + _CONFIG_FILE_ERROR)[0].removeprefix("flag ")
+      message = f"{flag}: {cause}"
     sys.exit(f"error: {message}")
 
 
@@ -92,14 +110,17 @@ def main(argv):
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
   try:
-    train_loop.make_optimizer(config)  # a bad optim.* setting is a one-line error before anything compiles
+    # Before anything is built or compiled: the run settings, the mesh, the workdir, and a resumed
+    # checkpoint's config against this one (train_loop.check_before_training); a bad optim.* setting.
+    train_loop.check_before_training(config, _WORKDIR.value)
+    train_loop.make_optimizer(config)
     with cli.needs_train_extra():  # e.g. tensorflow-datasets, imported only for data.kind=tfds
       stage, batches = build.build(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, train_loop.ResumeError) as e:
     sys.exit(f"error: {e}")
   try:
     train_loop.train(config, _WORKDIR.value, stage, batches)
-  except train_loop.TrainingDiverged as e:
+  except (train_loop.TrainingDiverged, train_loop.ResumeError) as e:
     sys.exit(f"error: {e}")
 
 
