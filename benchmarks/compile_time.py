@@ -67,12 +67,12 @@ def _train_step(stage: str, scan: bool, batch: int, remat: bool):
       model.update(in_channels=3, out_channels=6,
                    text_proj=unet_lib.TextProjConfig(clip_dim=d, text_dim=w, extra_tokens=extra_tokens))
       cfg = unet_lib.UNetConfig.from_dict(model).validate()
-      uncond = {"text_embed": np.zeros((d,), np.float32), "text_tokens": np.zeros((n, w), np.float32),
-                "text_mask": np.ones((n,), bool)}
+      uncond = {"z_t": np.zeros((1, d), np.float32), "tokens": np.zeros((1, n, w), np.float32),
+                "mask": np.ones((1, n), bool)}
       loss = functools.partial(decoder_stage.training_loss, cfg=cfg, schedule=schedule, uncond=uncond)
       r = c.decoder_resolution
-      data = {"image": sds((batch, r, r, 3)), "image_embed": sds((batch, d)), "text_embed": sds((batch, d)),
-              "text_tokens": sds((batch, n, w)), "text_mask": sds((batch, n), jnp.bool_)}
+      data = {"image": sds((batch, r, r, 3)), "z_i": sds((batch, d)), "z_t": sds((batch, d)),
+              "tokens": sds((batch, n, w)), "mask": sds((batch, n), jnp.bool_)}
     else:
       model.update(in_channels=3, low_res_channels=3, out_channels=3)
       cfg = unet_lib.UNetConfig.from_dict(model).validate()

@@ -38,17 +38,14 @@ def decoder_setup(width, batch, dtype, clip_dim=64, tokens=16):
       text_proj=unet_lib.TextProjConfig(clip_dim=clip_dim, text_dim=clip_dim)).validate()
   rng = np.random.default_rng(0)
   batch_data = {"image": rng.uniform(-1, 1, (batch, 64, 64, 3)).astype(np.float32),
-                "image_embed": rng.standard_normal((batch, clip_dim)).astype(np.float32),
-                "text_embed": rng.standard_normal((batch, clip_dim)).astype(np.float32),
-                "text_tokens": rng.standard_normal((batch, tokens, clip_dim)).astype(np.float32),
-                "text_mask": np.ones((batch, tokens), bool)}
-  uncond = {"text_embed": np.zeros(clip_dim, np.float32), "text_tokens": np.zeros((tokens, clip_dim), np.float32),
-            "text_mask": np.ones(tokens, bool)}
+                "z_i": rng.standard_normal((batch, clip_dim)).astype(np.float32),
+                "z_t": rng.standard_normal((batch, clip_dim)).astype(np.float32),
+                "tokens": rng.standard_normal((batch, tokens, clip_dim)).astype(np.float32),
+                "mask": np.ones((batch, tokens), bool)}
+  uncond = {"z_t": np.zeros((1, clip_dim), np.float32), "tokens": np.zeros((1, tokens, clip_dim), np.float32),
+            "mask": np.ones((1, tokens), bool)}
   loss = functools.partial(decoder_stage.training_loss, cfg=cfg, schedule=schedules.make_schedule(), uncond=uncond)
-  init = lambda key: unet_lib.UNet(cfg).init(
-      key, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,), jnp.int32), image_embed=jnp.zeros((1, clip_dim)),
-      text_embed=jnp.zeros((1, clip_dim)), text_tokens=jnp.zeros((1, tokens, clip_dim)),
-      text_mask=jnp.ones((1, tokens), bool))["params"]
+  init = lambda key: unet_lib.init_params(cfg, key)
   return init, loss, batch_data, "decoder"
 
 

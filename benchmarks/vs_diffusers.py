@@ -36,7 +36,6 @@ faster on CPU.
   python benchmarks/vs_diffusers.py --size bench --repeats 3 --cpu_devices 2  # on a 2-core CPU
 """
 
-import dataclasses
 import json
 import os
 import resource
@@ -132,16 +131,13 @@ def load_ours(dst: str, dtype: str):
 
   from unclip_jax import parallel
   from unclip_jax import pipeline
-  from unclip_jax.models import prior as prior_lib
 
   mesh = parallel.sampling_mesh()
   pipe = pipeline.Pipeline.load(dst, mesh=mesh)
   if dtype != "float32":
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
     pipe.params = jax.tree.map(cast, pipe.params)
-    pipe.prior_model = prior_lib.DiffusionPrior(pipe.prior_model.config, jnp.dtype(dtype))
-    pipe.decoder_cfg = dataclasses.replace(pipe.decoder_cfg, dtype=dtype)
-    pipe.sr_cfgs = {s: dataclasses.replace(c, dtype=dtype) for s, c in pipe.sr_cfgs.items()}
+    pipe.exports = {s: export.with_dtype(dtype) for s, export in pipe.exports.items()}
   return pipe
 
 

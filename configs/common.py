@@ -6,8 +6,7 @@ import ml_collections
 
 from unclip_jax import optim, parallel
 from unclip_jax.models import unet as unet_lib
-
-STAGES = ("clip", "prior", "decoder", "sr1", "sr2")
+from unclip_jax.stages import STAGES
 
 
 def parse_arg(arg: str, stages, **options) -> ml_collections.ConfigDict:

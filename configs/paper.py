@@ -34,7 +34,8 @@ def get_config(arg: str = "decoder") -> ml_collections.ConfigDict:
   c = common.base_config(stage)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.compute_dtype = "bfloat16"
-  c.clip_dir = ""  # e.g. a saved openai/clip-vit-large-patch14
+  if stage in ("prior", "decoder"):  # the stages that read CLIP
+    c.clip_dir = ""  # e.g. a saved openai/clip-vit-large-patch14
   c.data = common.data_config("folder", workers=8)
   c.diffusion = ml_collections.ConfigDict(dict(schedule=schedule, num_timesteps=1000, variance_type=variance,
                                                prediction_type=prediction))

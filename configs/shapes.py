@@ -33,7 +33,8 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
   stage, tiny = a.stage, a.tiny
   c = common.base_config(stage)
   c.data = common.data_config("shapes")  # or --config.data.kind=folder|embeddings --config.data.path=...
-  c.clip_dir = "runs/shapes/clip/export"
+  if stage in ("prior", "decoder"):  # they read the CLIP the first stage exports
+    c.clip_dir = "runs/shapes/clip/export"
   if stage == "clip":
     c.model = ml_collections.ConfigDict(dict(
         vocabulary=list(VOCABULARY), max_length=16, image_size=32 if tiny else 64, patch_size=8,

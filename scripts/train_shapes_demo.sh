@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Trains the whole Shapes-world unCLIP stack in order (CLIP first: the other
-# stages read its export) and assembles the inference checkpoint sample.py uses.
+# Trains the whole Shapes-world unCLIP stack in order (CLIP first: the prior and
+# the decoder read its export) and assembles the inference checkpoint sample.py uses.
 #
 #   scripts/train_shapes_demo.sh                      # about 2 h on a 2-core CPU
 #   scripts/train_shapes_demo.sh tiny /tmp/runs /tmp/demo   # two steps per stage (a smoke test)
@@ -16,8 +16,11 @@ out="${3:-assets/shapes_demo}"
 suffix=""
 [[ "$size" == "tiny" ]] && suffix=",tiny"
 for stage in clip prior decoder sr1 sr2; do
-  python train.py --config "configs/shapes.py:${stage}${suffix}" --workdir "$runs/$stage" \
-    --config.clip_dir="$runs/clip/export"
+  args=(--config "configs/shapes.py:${stage}${suffix}" --workdir "$runs/$stage")
+  if [[ "$stage" == prior || "$stage" == decoder ]]; then  # they read the CLIP the first stage exports
+    args+=(--config.clip_dir="$runs/clip/export")
+  fi
+  python train.py "${args[@]}"
 done
 python - "$runs" "$out" <<'PY'
 import sys

@@ -27,6 +27,18 @@ def shapes_clip_dir(tmp_path_factory):
   return str(workdir / "export")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache, fresh for each test session (under pytest's temp dir) and shared
+  with the subprocesses the tests start: a program compiled twice in the session compiles once."""
+  import jax
+
+  path = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  yield path
+
+
 @pytest.fixture
 def fixed_unclip_noise(monkeypatch):
   """UnCLIPScheduler.step takes its noise from a unclip_oracle.FixedNoise generator."""

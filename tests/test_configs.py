@@ -1,12 +1,17 @@
-"""Configs: a config file's ARG is parsed strictly, and every paper-shaped config has a ",tiny"
-variant that builds the same stage at laptop size."""
+"""Configs: a config file's ARG is parsed strictly, every paper-shaped config has a ",tiny"
+variant that builds the same stage at laptop size, and every key a config sets is read."""
+
+import contextlib
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from configs import karlo, paper, shapes
+from configs import common, karlo, paper, shapes
 from unclip_jax import aot
+from unclip_jax.models import clip as clip_lib
+from unclip_jax.stages import STAGES, build
 
 TINY_CLIP = aot.ClipShapes(16, 32, 8)
 
@@ -42,3 +47,69 @@ def test_tiny_variant_is_the_same_stage_at_laptop_size(module, stage):
   batch = built.encode_batch(aot.host_batch(tiny, 2))
   loss, _ = jax.eval_shape(built.loss, params, batch, jax.random.key(1))
   assert loss.shape == ()
+
+
+
+def _leaves(config, prefix="") -> set:
+  """Every leaf's dotted path (a list is one leaf)."""
+  leaves = set()
+  for key, value in config.items():
+    leaves |= _leaves(value, f"{prefix}{key}.") if isinstance(value, ml_collections.ConfigDict) else {prefix + key}
+  return leaves
+
+
+@contextlib.contextmanager
+def _reads(config):
+  """The dotted paths of config's keys read inside the block (by attribute, [key] or get()), and PATH.*
+  for a block read whole (to_dict())."""
+  owners, read = {}, set()
+
+  def own(c, prefix):
+    owners[id(c)] = prefix
+    for key, value in c.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        own(value, f"{prefix}{key}.")
+
+  own(config, "")
+  getitem, to_dict = ml_collections.ConfigDict.__getitem__, ml_collections.ConfigDict.to_dict
+
+  def recorded_getitem(self, key):
+    if id(self) in owners:
+      read.add(owners[id(self)] + key)
+    return getitem(self, key)
+
+  def recorded_to_dict(self, *args, **kwargs):
+    if id(self) in owners:
+      read.add(owners[id(self)] + "*")
+    return to_dict(self, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(ml_collections.ConfigDict, "__getitem__", recorded_getitem)
+    patch.setattr(ml_collections.ConfigDict, "to_dict", recorded_to_dict)
+    yield read
+
+
+@pytest.mark.parametrize("module, stage", [(shapes, s) for s in STAGES] + [(paper, s) for s in STAGES[1:]]
+                         + [(karlo, s) for s in ("prior", "decoder", "sr1")])
+def test_every_key_a_config_sets_is_read(module, stage, tmp_path, monkeypatch):
+  """Building the stage as train.py does (stages/build.py, on a stand-in CLIP and Shapes data), tracing
+  its init and loss and writing its export config reads every key the config sets besides the train
+  loop's own (common.base_config) and the data block (every key any data kind reads): a key nothing
+  reads would be a setting that silently does nothing. The full-size variant has the tiny one's keys."""
+  config = module.get_config(f"{stage},tiny")
+  assert _leaves(config) == _leaves(module.get_config(stage))
+  config.data.update(kind="shapes", workers=0)  # data keys are not checked here
+  if "clip_dir" in config:
+    config.clip_dir = config.clip_dir or "stand-in"  # the stand-in CLIP is loaded in its place
+  monkeypatch.setattr(clip_lib, "load_clip", lambda path: TINY_CLIP)
+  with _reads(config) as read:
+    built, batches = build.build(config, str(tmp_path))
+    params = jax.eval_shape(built.init_params, jax.random.key(0))
+    jax.eval_shape(built.loss, params, built.encode_batch(next(batches(0))), jax.random.key(1))
+    built.inference_config()
+  # A model block may go whole into its dataclass (which refuses unknown keys); any other block read whole
+  # (to_dict, e.g. dumped into a JSON) proves nothing.
+  covered = lambda key: key in read or key.startswith("model.") and "model.*" in read
+  loop = _leaves(common.base_config(stage))
+  unread = {key for key in _leaves(config) - loop if not key.startswith("data.") and not covered(key)}
+  assert not unread, f"{module.__name__}:{stage} sets keys nothing reads: {sorted(unread)}"

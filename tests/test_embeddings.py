@@ -15,7 +15,7 @@ from configs import shapes as shapes_configs
 from unclip_jax.data import batches as data_batches
 from unclip_jax.data import embeddings, shapes
 from unclip_jax.models import clip as clip_lib
-from unclip_jax.stages import decoder, prior
+from unclip_jax.stages import decoder, prior, text
 
 BATCH = 3  # one encoding batch size everywhere: CLIP compiles once for the module
 
@@ -118,10 +118,10 @@ def test_decoder_reads_precomputed_embeddings_equal_to_clip(shapes_store, clip, 
   run = stage.encode_batch({"image": host["image"], "caption": host["caption"]})  # CLIP on the same items
   assert {k: (v.shape, v.dtype) for k, v in pre.items()} == {k: (v.shape, v.dtype) for k, v in run.items()}
   np.testing.assert_array_equal(pre["image"], run["image"])
-  np.testing.assert_array_equal(pre["text_mask"], run["text_mask"])
-  for k in ("image_embed", "text_embed"):
+  np.testing.assert_array_equal(pre["mask"], run["mask"])
+  for k in ("z_i", "z_t"):
     np.testing.assert_allclose(pre[k], run[k], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(pre["text_tokens"], run["text_tokens"], rtol=1e-3, atol=1e-3)  # stored as float16
+  np.testing.assert_allclose(pre["tokens"], run["tokens"], rtol=1e-3, atol=1e-3)  # stored as float16
   # An image source of another size is refused in one line.
   config.data.update(kind="folder", path=_folder(tmp_path / "images", 10))
   with pytest.raises(ValueError, match="holds 12 items but the image source has 10"):
@@ -133,13 +133,13 @@ def test_prior_streams_shards_once_per_epoch_and_resumes(shapes_store, clip):
   config.data.update(kind="embeddings", path=shapes_store)
   batches = data_batches.make_batches(config.data, 4, config.resolution)
   stream = batches(0)
-  epoch = [prior.encode_for_prior(clip, next(stream)) for _ in range(3)]  # 12 items
+  epoch = [text.encode_batch(clip, next(stream)) for _ in range(3)]  # 12 items
   store = embeddings.EmbeddingShards(shapes_store)
   rows = np.concatenate([b["z_i"] for b in epoch])
   np.testing.assert_array_equal(np.sort(rows, axis=0), np.sort(np.stack([store[i]["z_i"] for i in range(12)]), axis=0))
   assert len({r.tobytes() for r in rows}) == 12
   assert epoch[0]["tokens"].dtype == np.float32 and epoch[0]["mask"].dtype == bool
-  resumed = prior.encode_for_prior(clip, next(batches(4)))
+  resumed = text.encode_batch(clip, next(batches(4)))
   for k, v in resumed.items():
     np.testing.assert_array_equal(v, epoch[1][k])
   stage = prior.PriorStage(config, clip, epoch)  # latent stats from the stream, as build.build takes them

@@ -46,10 +46,10 @@ def karlo(tmp_path_factory):
   return dict(torch=pipe, src=src, dst=dst, ours=pipeline.Pipeline.load(dst))
 
 
-def _our_noise(seeds, stage_index, shape, num_steps):
+def _our_noise(seeds, stage, shape, num_steps):
   """The x_T and per-step noise our pipeline draws for a stage (samplers.sample's draws)."""
-  keys = pipeline.stage_keys(seeds, stage_index)
-  if stage_index == 0:  # the prior's rows: one candidate per image
+  keys = pipeline.stage_keys(seeds, stage)
+  if stage == "prior":  # the prior's rows: one candidate per image
     keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
   x_T = samplers.initial_noise(keys, shape)
   _, step_rng = samplers._split(keys)
@@ -75,12 +75,12 @@ def _nchw(x):
 def test_config_and_options_are_karlos(karlo):
   ours = karlo["ours"]
   assert ours.stages == ("prior", "decoder", "sr1")
-  assert ours.configs["sr1"]["params_last"] and set(ours.params["sr1"]) == {"first", "last"}
+  assert ours.exports["sr1"].params_last and set(ours.params["sr1"]) == {"first", "last"}
   assert ours.default_options["prior"] == StageOptions(25, "ddpm", guidance_scale=4.0, clip_range=5.0)
   assert ours.default_options["decoder"] == StageOptions(25, "ddpm", guidance_scale=8.0, clip_range=1.0)
   assert ours.default_options["sr1"] == StageOptions(7, "ddpm", clip_range=1.0)
-  assert ours.configs["decoder"]["diffusion"]["variance_type"] == "learned_range"
-  assert ours.configs["decoder"]["resolution"] == 16 and ours.configs["sr1"]["resolution"] == 32
+  assert ours.exports["decoder"].diffusion.variance_type == "learned_range"
+  assert ours.exports["decoder"].resolution == 16 and ours.exports["sr1"].resolution == 32
 
 
 def float64_schedulers(pipe, monkeypatch):
@@ -107,13 +107,14 @@ def float64_schedulers(pipe, monkeypatch):
   monkeypatch.setattr(UnCLIPScheduler, "step", float32_step)
 
 
+@pytest.mark.slow
 def test_text_to_image_matches_unclip_pipeline(karlo, fixed_unclip_noise, monkeypatch):
   ours, ref = karlo["ours"], karlo["torch"]
   float64_schedulers(ref, monkeypatch)
   n = len(PROMPTS)
-  prior_T, prior_steps = _our_noise(SEEDS, 0, (n, WIDTH), STEPS["prior"])
-  dec_T, dec_steps = _our_noise(SEEDS, 1, (n, 16, 16, 3), STEPS["decoder"])
-  sr_T, sr_steps = _our_noise(SEEDS, 2, (n, 32, 32, 3), STEPS["sr1"])
+  prior_T, prior_steps = _our_noise(SEEDS, "prior", (n, WIDTH), STEPS["prior"])
+  dec_T, dec_steps = _our_noise(SEEDS, "decoder", (n, 16, 16, 3), STEPS["decoder"])
+  sr_T, sr_steps = _our_noise(SEEDS, "sr1", (n, 32, 32, 3), STEPS["sr1"])
   # diffusers draws noise only at steps with t > 0: all but each chain's last
   queue = ([torch.from_numpy(s.copy()) for s in prior_steps[:-1]] + [_nchw(s) for s in dec_steps[:-1]]
            + [_nchw(s) for s in sr_steps[:-1]])
@@ -176,6 +177,7 @@ def karlo_variations(tmp_path_factory):
   return dict(torch=pipe, src=src, dst=dst, ours=pipeline.Pipeline.load(dst))
 
 
+@pytest.mark.slow
 def test_variations_match_unclip_image_variation_pipeline(karlo_variations, fixed_unclip_noise, monkeypatch):
   ours, ref = karlo_variations["ours"], karlo_variations["torch"]
   float64_schedulers(ref, monkeypatch)
@@ -186,8 +188,8 @@ def test_variations_match_unclip_image_variation_pipeline(karlo_variations, fixe
   image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # CLIP's crop size: no resampling on either side
   seeds = [5, 6]
   n = len(seeds)
-  dec_T, dec_steps = _our_noise(seeds, 1, (n, 16, 16, 3), STEPS["decoder"])
-  sr_T, sr_steps = _our_noise(seeds, 2, (n, 32, 32, 3), STEPS["sr1"])
+  dec_T, dec_steps = _our_noise(seeds, "decoder", (n, 16, 16, 3), STEPS["decoder"])
+  sr_T, sr_steps = _our_noise(seeds, "sr1", (n, 32, 32, 3), STEPS["sr1"])
   queue = [_nchw(s) for s in dec_steps[:-1]] + [_nchw(s) for s in sr_steps[:-1]]
   with torch.no_grad():
     expected = ref(Image.fromarray(image), num_images_per_prompt=n, decoder_num_inference_steps=STEPS["decoder"],
@@ -196,7 +198,7 @@ def test_variations_match_unclip_image_variation_pipeline(karlo_variations, fixe
                    decoder_guidance_scale=GUIDANCE["decoder"], output_type="np").images
   options = {"decoder": {"num_steps": STEPS["decoder"], "sampler": "ddpm", "guidance_scale": GUIDANCE["decoder"]},
              "sr1": {"num_steps": STEPS["sr1"]}}
-  got = np.clip(ours.variations(image, seeds, options, as_float=True) * 0.5 + 0.5, 0, 1)
+  got = np.clip(pipeline.variations(ours, image, seeds, options, as_float=True) * 0.5 + 0.5, 0, 1)
   assert got.shape == expected.shape == (n, 32, 32, 3)
   assert np.mean((expected > 0.01) & (expected < 0.99)) > 0.3
   err = np.abs(got - expected).max()
@@ -234,7 +236,7 @@ def test_sample_py_on_the_converted_variations_checkpoint(karlo_variations, tmp_
   assert loaded == [dst]
   options = {"decoder": {"num_steps": STEPS["decoder"], "sampler": "ddpm", "guidance_scale": GUIDANCE["decoder"]},
              "sr1": {"num_steps": STEPS["sr1"]}}
-  expected = ours.variations(image, [5, 6], options)
+  expected = pipeline.variations(ours, image, [5, 6], options)
   for k, seed in enumerate((5, 6)):
     got = np.asarray(Image.open(out / f"cat_variation_seed{seed}.png"))
     np.testing.assert_array_equal(got, expected[k])

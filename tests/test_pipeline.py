@@ -1,6 +1,11 @@
 """The pipeline on a tiny random stack (CLIP, prior, decoder, sr1, sr2): text to
 image, and the applications (variations, interpolations, text diffs)."""
 
+import gc
+import json
+import os
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +13,11 @@ import pytest
 
 from configs import shapes
 from unclip_jax import imaging, parallel, pipeline, train_loop
+from unclip_jax.cli import sample as sample_cli
 from unclip_jax.diffusion import schedules
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.pipeline import StageOptions
-from unclip_jax.stages import build
+from unclip_jax.stages import build, contract
 
 FAST = {"prior": StageOptions(3, "ddpm", guidance_scale=4.0, clip_range=5.0),
         "decoder": StageOptions(3, "ddpm", guidance_scale=3.0), "sr1": StageOptions(2, "ddim"),
@@ -62,6 +68,18 @@ def test_text_to_image_shapes_and_seeds(pipe):
   assert low.shape == (2, 16, 16, 3)
 
 
+def test_dpm_solver_reaches_every_stage(pipe):
+  """At 2 steps every DPM-Solver++ step is first order (diffusion/dpm_solver.step_orders), which is
+  DDIM with eta = 0: the option reaches each stage's loop (the prior's and decoder's preset is DDPM).
+  Its higher-order steps are tested against diffusers in tests/test_dpm_solver.py."""
+  prompts, seeds = ["a red circle above a blue square"], [4]
+  def chain(sampler, steps):
+    stage = dict(num_steps=steps, sampler=sampler, eta=0.0)
+    options = {s: dict(stage, guidance_scale=3.0) if s in ("prior", "decoder") else stage for s in FAST}
+    return pipe.text_to_image(prompts, seeds, options, as_float=True)
+  np.testing.assert_allclose(chain("dpmpp_2m", 2), chain("ddim", 2), atol=1e-4, rtol=0)
+
+
 # Float tolerances of "the same image in another batch / on other devices". XLA
 # compiles a batch of 4 (or a shard) with other loop blockings than a batch of 1,
 # so sums are taken in another order: a few 1e-6 at the decoder's output. The
@@ -99,23 +117,23 @@ def test_interpolation_end_frames_are_the_plain_decodes(pipe):
   decoder_only = pipe.options_for("interpolate", DDIM)
   assert decoder_only["decoder"] == DDIM["decoder"]
   # Fixed noise: every frame starts from seed 5's x_T, so the ends are decode(z_a), decode(z_b) for seed 5.
-  frames = pipe.interpolate(IMAGE_A, IMAGE_B, 3, seed=5, options=FAST, up_to="decoder", as_float=True)
+  frames = pipeline.interpolate(pipe, IMAGE_A, IMAGE_B, 3, seed=5, options=FAST, up_to="decoder", as_float=True)
   plain = pipe.decode(z, "", [5, 5], decoder_only, up_to="decoder")
   assert frames.shape == (3, 16, 16, 3)
   np.testing.assert_allclose(frames[[0, -1]], plain, atol=DECODER_ATOL, rtol=0)
   # The middle frame is another image (the random decoder's output depends on z_i only weakly).
   assert min(np.abs(frames[1] - plain[0]).max(), np.abs(frames[1] - plain[1]).max()) > 10 * DECODER_ATOL
   # Slerped noise: the ends start from each image's own DDIM inversion.
-  frames = pipe.interpolate(IMAGE_A, IMAGE_B, 3, seed=5, options=FAST, noise="slerp", up_to="decoder",
-                            as_float=True)
+  frames = pipeline.interpolate(pipe, IMAGE_A, IMAGE_B, 3, seed=5, options=FAST, noise="slerp", up_to="decoder",
+                                as_float=True)
   x_T = np.concatenate([pipe.invert(IMAGE_A, options=FAST), pipe.invert(IMAGE_B, options=FAST)])
   ends = pipe.decode(z, "", [5, 5], decoder_only, x_T=x_T, up_to="decoder")
   np.testing.assert_allclose(frames[[0, -1]], ends, atol=DECODER_ATOL, rtol=0)
 
 
 def test_text_diff_at_theta_zero_is_the_inversion_reconstruction(pipe):
-  frames = pipe.text_diff(IMAGE_A, "a red square", "a blue circle", [0.0, 0.5], FAST, seed=3, up_to="decoder",
-                          as_float=True)
+  frames = pipeline.text_diff(pipe, IMAGE_A, "a red square", "a blue circle", [0.0, 0.5], FAST, seed=3,
+                              up_to="decoder", as_float=True)
   z = pipe.image_embeddings(IMAGE_A)
   x_T = pipe.invert(IMAGE_A, options=FAST)
   reconstruction = pipe.decode(np.repeat(z, 2, 0), "", [3, 3], pipe.options_for("textdiff", FAST),
@@ -123,19 +141,20 @@ def test_text_diff_at_theta_zero_is_the_inversion_reconstruction(pipe):
   np.testing.assert_allclose(frames[0], reconstruction[0], atol=DECODER_ATOL, rtol=0)
   assert np.abs(frames[1] - frames[0]).max() > 0.1  # theta = 0.5 moves toward the target caption
   with pytest.raises(pipeline.InputError, match="same CLIP embedding"):
-    pipe.text_diff(IMAGE_A, "a red square", "a red square", [0.5], FAST)
+    pipeline.text_diff(pipe, IMAGE_A, "a red square", "a red square", [0.5], FAST)
 
 
 def test_variations(pipe, tmp_path):
   assert pipe.options_for("variations")["decoder"].sampler == "ddim"  # the default: DDIM with eta = 1
   assert pipe.options_for("variations")["decoder"].eta == 1.0
   options = dict(FAST, decoder=StageOptions(3, "ddim", eta=1.0, guidance_scale=3.0))
-  a = pipe.variations(IMAGE_A, [1, 2, 3], options, up_to="decoder")
+  a = pipeline.variations(pipe, IMAGE_A, [1, 2, 3], options, up_to="decoder")
   assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8  # one per seed
-  np.testing.assert_array_equal(a, pipe.variations(IMAGE_A, [1, 2, 3], options, up_to="decoder"))
+  np.testing.assert_array_equal(a, pipeline.variations(pipe, IMAGE_A, [1, 2, 3], options, up_to="decoder"))
   assert all(np.abs(a[i].astype(int) - a[j]).max() > 0 for i, j in ((0, 1), (0, 2), (1, 2)))
   imaging.save_png(IMAGE_A, str(tmp_path / "a.png"))  # a file gives the same images as its array
-  np.testing.assert_array_equal(pipe.variations(str(tmp_path / "a.png"), [1, 2, 3], options, up_to="decoder"), a)
+  np.testing.assert_array_equal(pipeline.variations(pipe, str(tmp_path / "a.png"), [1, 2, 3], options,
+                                                   up_to="decoder"), a)
 
 
 class _GaussianImageDenoiser:
@@ -165,10 +184,10 @@ def test_ddim_inversion_round_trip(pipe, monkeypatch):
   (the exact-model bound of tests/test_samplers.py), against > 1e-3 for plain
   inversion.
   """
-  diffusion = pipe.configs["decoder"]["diffusion"]
-  alphas_cumprod = np.cumprod(1.0 - schedules.make_betas(diffusion["schedule"], diffusion["num_timesteps"]))
+  diffusion = pipe.exports["decoder"].diffusion
+  alphas_cumprod = np.cumprod(1.0 - schedules.make_betas(diffusion.schedule, diffusion.num_timesteps))
   monkeypatch.setattr(unet_lib, "UNet", lambda cfg: _GaussianImageDenoiser(cfg, alphas_cumprod))
-  exact = pipeline.Pipeline(pipe.clip, pipe.params, pipe.configs)  # its own compiled functions
+  exact = pipeline.Pipeline(pipe.clip, pipe.params, pipe.exports)  # its own compiled functions
   options = {"decoder": StageOptions(10, "ddim", guidance_scale=3.0)}
   images = np.stack([IMAGE_A, IMAGE_A[::-1, ::-1]])
   target = imaging.to_model_range(imaging.square(images, 16))
@@ -187,7 +206,7 @@ def test_bad_images_are_clear_errors(pipe, tmp_path):
   not_an_image = tmp_path / "x.png"
   not_an_image.write_text("hello")
   with pytest.raises(imaging.ImageError, match="x.png"):
-    pipe.variations(str(not_an_image), [0])
+    pipeline.variations(pipe, str(not_an_image), [0])
   with pytest.raises(imaging.ImageError, match="does not exist"):
     pipe.image_embeddings(str(tmp_path / "missing.png"))
   with pytest.raises(imaging.ImageError, match="uint8"):
@@ -195,9 +214,9 @@ def test_bad_images_are_clear_errors(pipe, tmp_path):
   with pytest.raises(imaging.ImageError, match="RGB"):
     pipe.image_embeddings(np.zeros((8, 8, 4), np.uint8))
   with pytest.raises(imaging.ImageError, match="one image"):
-    pipe.variations(np.stack([IMAGE_A, IMAGE_A]), [0])
+    pipeline.variations(pipe, np.stack([IMAGE_A, IMAGE_A]), [0])
   with pytest.raises(pipeline.InputError, match="num_frames"):
-    pipe.interpolate(IMAGE_A, IMAGE_B, 1)
+    pipeline.interpolate(pipe, IMAGE_A, IMAGE_B, 1)
   assert isinstance(imaging.ImageError("x"), ValueError)
 
 
@@ -214,8 +233,6 @@ def test_checkpoint_default_options(tmp_path, stack_dir, pipe):
   assert loaded.options_for("text", {"decoder": {"num_steps": 4}})["decoder"] == StageOptions(4, guidance_scale=2.0)
   with pytest.raises(ValueError, match="Unknown sampling option"):
     pipeline.assemble(str(tmp_path / "bad"), options={"decoder": {"steps": 7}}, **folders)
-  import json
-
   layout = json.load(open(f"{path}/pipeline.json"))
   layout["options"] = {"decoder": {"steps": 7}}
   json.dump(layout, open(f"{path}/pipeline.json", "w"))
@@ -241,6 +258,47 @@ def test_float16_storage_halves_the_checkpoint_and_samples_in_float32(tmp_path, 
   assert np.abs(ours - full).max() < 2e-2  # float16 rounding of the weights, nothing more
 
 
+def test_a_dropped_pipeline_is_garbage_collected(pipe):
+  """The compiled loops are cached on the pipeline, not in a global cache that would keep it (its
+  params and executables) alive until the process ends."""
+  other = pipeline.Pipeline(pipe.clip, pipe.params, pipe.exports)
+  other.decode(pipe.image_embeddings(IMAGE_A), "", [0], FAST, up_to="decoder")
+  assert other._compiled  # a compiled loop to keep it alive, were it cached globally
+  gone = weakref.ref(other)
+  del other
+  gc.collect()
+  assert gone() is None
+
+
+def test_rng_streams_keep_their_numbers():
+  """A stage's noise comes from fold_in(key(seed), its stream): renumbering would change every image."""
+  assert pipeline.RNG_STREAMS == {"prior": 0, "decoder": 1, "sr1": 2, "sr2": 3}
+  want = jax.random.key_data(jax.random.fold_in(jax.random.key(4), 2))
+  np.testing.assert_array_equal(jax.random.key_data(pipeline.stage_keys([3, 4], "sr1"))[1], want)
+
+
+def test_export_records_read_what_earlier_versions_wrote():
+  """The demo's exports predate the records (no prediction or variance type, no prior dtype) and a Karlo
+  conversion spells the fixed variance the diffusers way: each reads as the record those versions
+  sampled with, and a record's own JSON reads back to itself."""
+  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes_demo")
+  exports = {}
+  for stage in pipeline.STAGES:
+    with open(os.path.join(demo, stage, "config.json")) as f:
+      exports[stage] = contract.read(json.load(f))
+    assert contract.read(exports[stage].to_json()) == exports[stage]
+  assert exports["prior"].diffusion == contract.Diffusion("cosine", 1000, "x0", "fixed_small")
+  assert exports["prior"].dtype == "float32"
+  assert exports["decoder"].diffusion.variance_type == "learned_range"  # from its 6 output channels
+  assert exports["sr2"].diffusion == contract.Diffusion("linear", 1000, "v", "fixed_small")
+  karlo_prior = dict(exports["prior"].to_json(), diffusion={
+      "schedule": "cosine", "num_timesteps": 1000, "prediction_type": "x0", "variance_type": "fixed_small_log",
+      "clip_sample_range": 5.0})
+  assert contract.read(karlo_prior) == exports["prior"]
+  with pytest.raises(ValueError, match="variance_type"):
+    contract.read(dict(exports["sr1"].to_json(), diffusion={"variance_type": "learned_range"}))  # 3 channels
+
+
 def test_bad_checkpoints_are_clear_errors(tmp_path, stack_dir):
   with pytest.raises(pipeline.CheckpointError, match="no pipeline.json"):
     pipeline.Pipeline.load(str(tmp_path))
@@ -261,14 +319,12 @@ def test_a_clip_of_other_widths_is_refused_at_load(tmp_path, stack_dir):
 
 
 def test_outputs_are_pngs_with_json_settings_and_a_grid(pipe, tmp_path):
-  import json
-
   from PIL import Image
 
   jobs = [("a red circle", 11), ("a red circle", 12), ("a blue square above a green circle", 13)]
   images = pipe.text_to_image([p for p, _ in jobs], [s for _, s in jobs], FAST, up_to="decoder")
-  paths = pipeline.write_outputs(str(tmp_path), images, jobs, dict(pipeline.PRESETS["karlo"], **FAST),
-                                 {"preset": "karlo"})
+  paths = sample_cli.write_outputs(str(tmp_path), images, jobs, dict(pipeline.PRESETS["karlo"], **FAST),
+                                   {"preset": "karlo"})
   assert len(paths) == 4 and "grid" in paths[-1]
   for (prompt, seed), path, image in zip(jobs, paths, images):
     np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
@@ -278,7 +334,6 @@ def test_outputs_are_pngs_with_json_settings_and_a_grid(pipe, tmp_path):
 
 
 def test_sample_py_errors_are_one_line_with_nonzero_exit(tmp_path, stack_dir):
-  import os
   import subprocess
   import sys
 
@@ -311,8 +366,6 @@ def test_sample_py_errors_are_one_line_with_nonzero_exit(tmp_path, stack_dir):
 
 def test_sample_py_interpolate_writes_frames_with_json(pipe, tmp_path, monkeypatch):
   """sample.py in-process, with the test stack as the loaded checkpoint (its compiled functions reused)."""
-  import json
-
   from absl import flags
   from PIL import Image
 
@@ -332,7 +385,7 @@ def test_sample_py_interpolate_writes_frames_with_json(pipe, tmp_path, monkeypat
     flags.FLAGS.unparse_flags()
   frames = sorted(out.glob("interpolate_a_b_seed5_frame*.png"))
   assert [p.name[-11:] for p in frames] == ["frame00.png", "frame01.png", "frame02.png"]
-  expected = pipe.interpolate(IMAGE_A, IMAGE_B, 3, seed=5, options=FAST, up_to="decoder")
+  expected = pipeline.interpolate(pipe, IMAGE_A, IMAGE_B, 3, seed=5, options=FAST, up_to="decoder")
   for k, path in enumerate(frames):
     np.testing.assert_array_equal(np.asarray(Image.open(path)), expected[k])
     meta = json.load(open(path.with_suffix(".json")))

@@ -18,6 +18,7 @@ from unclip_jax.convert import common, diffusers_prior
 from unclip_jax.diffusion import schedules
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.stages import prior as stage
+from unclip_jax.stages import text
 
 DIM, TOKENS = 16, 77
 # Karlo's prior options (diffusers' defaults, as in kakaobrain/karlo-v1-alpha/prior/config.json),
@@ -151,8 +152,8 @@ def test_guided_sampling_matches_unclip_pipeline_loop(reference, fixed_unclip_no
   with torch.no_grad():
     expected = prior.post_process_latents(latents.float()).numpy()
 
-  cond = dict(zip(stage.COND_KEYS, _jnp(z_t, tokens, mask)))
-  uncond = dict(zip(stage.COND_KEYS, _jnp(uz_t, utokens, umask)))
+  cond = dict(zip(text.KEYS, _jnp(z_t, tokens, mask)))
+  uncond = dict(zip(text.KEYS, _jnp(uz_t, utokens, umask)))
   model = prior_lib.DiffusionPrior(reference["config"])
   run = jax.jit(functools.partial(stage.sample_prior, model, num_steps=num_steps, guidance_scale=scale,
                                   num_candidates=1))
@@ -169,8 +170,8 @@ def test_best_of_n_keeps_the_draw_closest_to_z_t(reference):
   model = prior_lib.DiffusionPrior(reference["config"])
   variables = reference["variables"]
   gen = torch.Generator().manual_seed(3)
-  cond = dict(zip(stage.COND_KEYS, _jnp(*_text(gen, 3, [4, 9, 2]))))
-  uncond = dict(zip(stage.COND_KEYS, _jnp(*_text(gen, 1, [2]))))
+  cond = dict(zip(text.KEYS, _jnp(*_text(gen, 3, [4, 9, 2]))))
+  uncond = dict(zip(text.KEYS, _jnp(*_text(gen, 1, [2]))))
   n, steps = 2, 4
   key = jax.random.key(5)
   x_T = jax.random.normal(key, (3 * n, DIM))
@@ -193,7 +194,7 @@ def test_cfg_dropout_replaces_whole_examples_ten_percent_of_the_time():
           "mask": jnp.ones((batch, 4), bool)}
   uncond = {"z_t": jnp.full((1, 3), 7.0), "tokens": jnp.full((1, 4, 2), -7.0),
             "mask": jnp.array([[True, True, False, False]])}
-  out, dropped = stage.cfg_dropout(cond, uncond, jax.random.key(0), 0.1)
+  out, dropped = text.drop(jax.random.key(0), cond, uncond, 0.1)
   dropped = np.asarray(dropped)
   assert abs(dropped.mean() - 0.1) < 0.01  # 5 standard errors
   np.testing.assert_array_equal(out["z_t"][dropped], np.full((dropped.sum(), 3), 7.0))

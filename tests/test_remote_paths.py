@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from toy_stage import ToyStage, toy_batches, toy_config
-from unclip_jax import checkpoints, imaging, paths, pipeline, train_loop
+from unclip_jax import checkpoints, imaging, paths, train_loop
+from unclip_jax.cli import sample as sample_cli
 from unclip_jax.stages import clip as clip_stage
 
 
@@ -87,7 +88,7 @@ def test_local_only_writers_and_readers_go_through_a_local_copy(fake_bucket):
 
 def test_sampling_outputs_to_a_file_uri(tmp_path):
   images = np.zeros((2, 4, 4, 3), np.uint8)
-  written = pipeline.write_outputs((tmp_path / "out").as_uri(), images, [("a red circle", 0), ("a red circle", 1)],
-                                   {}, {"mode": "text"})
+  written = sample_cli.write_outputs((tmp_path / "out").as_uri(), images, [("a red circle", 0), ("a red circle", 1)],
+                                     {}, {"mode": "text"})
   assert all(p.startswith(str(tmp_path / "out")) and os.path.isfile(p) for p in written)
   assert len(written) == 3 and os.path.isfile(str(tmp_path / "out" / "a_red_circle_seed0.json"))

@@ -54,30 +54,30 @@ def _images(b, size, seed=0):
 
 def _decoder_batch(b=2):
   rng = np.random.RandomState(1)
-  batch = dict(image=_images(b, 16), image_embed=rng.randn(b, CLIP_DIM).astype(np.float32),
-               text_embed=rng.randn(b, CLIP_DIM).astype(np.float32),
-               text_tokens=rng.randn(b, TEXT_LEN, TEXT_W).astype(np.float32),
-               text_mask=np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)[:b])
-  uncond = dict(text_embed=rng.randn(CLIP_DIM).astype(np.float32),
-                text_tokens=rng.randn(TEXT_LEN, TEXT_W).astype(np.float32),
-                text_mask=np.array([1, 0, 0, 0], bool))
+  batch = dict(image=_images(b, 16), z_i=rng.randn(b, CLIP_DIM).astype(np.float32),
+               z_t=rng.randn(b, CLIP_DIM).astype(np.float32),
+               tokens=rng.randn(b, TEXT_LEN, TEXT_W).astype(np.float32),
+               mask=np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)[:b])
+  uncond = dict(z_t=rng.randn(1, CLIP_DIM).astype(np.float32),
+                tokens=rng.randn(1, TEXT_LEN, TEXT_W).astype(np.float32),
+                mask=np.array([[1, 0, 0, 0]], bool))
   return batch, uncond
 
 
 def test_drop_conditioning_rates_and_values():
   b = 4000
-  batch = dict(image=np.zeros((b, 1, 1, 3), np.float32), text_embed=np.ones((b, 2), np.float32),
-               text_tokens=np.ones((b, 3, 2), np.float32), text_mask=np.ones((b, 3), bool))
-  uncond = dict(text_embed=np.full(2, -1.0, np.float32), text_tokens=np.full((3, 2), -1.0, np.float32),
-                text_mask=np.array([True, False, False]))
+  batch = dict(image=np.zeros((b, 1, 1, 3), np.float32), z_i=np.ones((b, 2), np.float32),
+               z_t=np.ones((b, 2), np.float32), tokens=np.ones((b, 3, 2), np.float32), mask=np.ones((b, 3), bool))
+  uncond = dict(z_t=np.full((1, 2), -1.0, np.float32), tokens=np.full((1, 3, 2), -1.0, np.float32),
+                mask=np.array([[True, False, False]]))
   out = decoder.drop_conditioning(jax.random.PRNGKey(0), batch, uncond)
-  dropped_text = np.asarray(out["text_embed"][:, 0] < 0)
+  dropped_text = np.asarray(out["z_t"][:, 0] < 0)
   assert abs(np.asarray(out["drop_image"]).mean() - 0.1) < 0.02
   assert abs(dropped_text.mean() - 0.5) < 0.03
   # All text fields switch together, to exactly the empty prompt's encodings.
-  np.testing.assert_array_equal(np.asarray(out["text_tokens"][dropped_text]), -1.0)
-  np.testing.assert_array_equal(np.asarray(out["text_mask"][dropped_text]), [[True, False, False]] * dropped_text.sum())
-  np.testing.assert_array_equal(np.asarray(out["text_tokens"][~dropped_text]), 1.0)
+  np.testing.assert_array_equal(np.asarray(out["tokens"][dropped_text]), -1.0)
+  np.testing.assert_array_equal(np.asarray(out["mask"][dropped_text]), [[True, False, False]] * dropped_text.sum())
+  np.testing.assert_array_equal(np.asarray(out["tokens"][~dropped_text]), 1.0)
   # Image and text drops are independent draws.
   assert abs(np.mean(np.asarray(out["drop_image"])[dropped_text]) - 0.1) < 0.03
 
@@ -165,15 +165,15 @@ def test_decoder_sample_with_unit_guidance_is_the_conditional_chain(decoder_para
   cfg = _decoder_cfg()
   params = decoder_params
   batch, uncond = _decoder_batch()
-  cond = {k: batch[k] for k in ("image_embed", "text_embed", "text_tokens", "text_mask")}
+  cond = {k: batch[k] for k in decoder.COND_KEYS}
   schedule = make_schedule("cosine", 1000, num_steps=3)
   rng = jax.random.PRNGKey(2)
   # One guidance scale per sample: 1 for the first (must equal the plain
   # conditional chain, same noise), 8 for the second (must not).
   guided = decoder.sample(params, cfg, schedule, rng, cond, uncond, guidance_scale=jnp.array([1.0, 8.0]), size=8)
   model = unet_lib.UNet(cfg)
-  plain = samplers.sample(lambda x, t: model.apply({"params": params}, x, t, **cond), schedule, rng,
-                          shape=(2, 8, 8, 3), variance_type="learned_range")
+  plain = samplers.sample(lambda x, t: model.apply({"params": params}, x, t, **decoder.unet_inputs(cond)), schedule,
+                          rng, shape=(2, 8, 8, 3), variance_type="learned_range")
   plain = np.clip(np.asarray(plain), -1, 1)
   np.testing.assert_allclose(np.asarray(guided[0]), plain[0], atol=1e-5)
   assert np.abs(np.asarray(guided[1]) - plain[1]).max() > 1e-3

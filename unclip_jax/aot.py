@@ -30,7 +30,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from unclip_jax import hlo_stats, parallel, tpu_chips, train_loop, training
-from unclip_jax.diffusion import schedules
 from unclip_jax.models import clip as clip_lib
 
 
@@ -112,8 +111,8 @@ def host_batch(config, n: int) -> dict:
 def build_stage(config, clip: ClipShapes):
   """The stage train.py would build (stages/build.py), on the stand-in CLIP and zero data."""
   if config.stage == "prior":
-    from unclip_jax.stages import prior
-    return prior.PriorStage(config, clip, [prior.encode_for_prior(clip, host_batch(config, 2))])
+    from unclip_jax.stages import prior, text
+    return prior.PriorStage(config, clip, [text.encode_batch(clip, host_batch(config, 2))])
   if config.stage == "decoder":
     from unclip_jax.stages import decoder
     return decoder.DecoderStage(config, clip, host_batch(config, 1))
@@ -173,26 +172,21 @@ def _count(params) -> int:
 
 def sampler_fn(config, stage):
   """(fn(params, inputs, rng), input keys, rows per example): the stage's sampling loop as sample.py
-  runs it (pipeline.py), with the config's sampling settings."""
-  from unclip_jax.stages import decoder, prior, upsampler
+  runs it (the stage's sampler_from_export), with the config's sampling settings (stage.sampling)."""
+  from unclip_jax.stages import decoder, prior, text, upsampler
 
-  steps = config.get("sample_steps", 25)
   if config.stage == "prior":
     n = config.get("num_candidates", 2)
-    fn = functools.partial(
-        prior.sample_prior, stage.model, num_steps=config.get("sample_steps", 64),
-        sampler=config.get("sampler", "ddpm"),
-        guidance_scale=config.get("guidance_scale", 4.0), clip_range=config.get("clip_range", 5.0), num_candidates=n,
-        noise_schedule=config.diffusion.schedule, num_train_timesteps=config.diffusion.num_timesteps)
-    return (lambda p, cond, rng: fn({"params": p, "stats": stage.stats}, cond, stage.uncond, rng)), prior.COND_KEYS, n
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps, steps)
+    # At the training compute dtype, as the U-Nets' export records carry theirs.
+    export = stage.export_config.with_dtype(config.get("compute_dtype", "float32"))
+    fn = prior.sampler_from_export(export, stage.sampling, num_candidates=n)
+    return (lambda p, cond, rng: fn({"params": p, "stats": stage.stats}, cond, stage.uncond, rng)), text.KEYS, n
   if config.stage == "decoder":
-    fn = functools.partial(decoder.sample, cfg=stage.unet_config, schedule=schedule, uncond=stage.uncond,
-                           guidance_scale=config.get("guidance_scale", 3.0), size=config.decoder_resolution,
-                           sampler=config.get("sampler", "ddpm"), clip_range=1.0)
-    return (lambda p, cond, rng: fn(p, rng=rng, cond=cond)), ("image_embed",) + decoder.TEXT_KEYS, 1
-  fn = functools.partial(upsampler.sample, cfg=stage.unet_config, schedule=schedule, size=config.resolution,
-                         sampler=config.get("sampler", "ddim"), clip_range=1.0, prediction_type=stage.prediction_type)
+    fn = decoder.sampler_from_export(stage.export_config, stage.sampling)
+    run = lambda p, cond, rng: fn(p, rng=rng, cond=cond, uncond=stage.uncond,
+                                  guidance_scale=stage.sampling.guidance_scale)
+    return run, decoder.COND_KEYS, 1
+  fn = upsampler.sampler_from_export(stage.export_config, stage.sampling)
   return (lambda p, cond, rng: fn(p, rng=rng, low_res=cond["low_res"])), ("low_res",), 1
 
 

@@ -11,18 +11,24 @@ image with a JSON file of the same name beside it (prompt, seed, mode, frame
 and theta where they apply, all settings), and one grid PNG per call.
 """
 
+import dataclasses
+import json
 import os
 import sys
+import time
+from typing import Sequence
 
+import numpy as np
 from absl import app
 from absl import flags
 
-from unclip_jax import cli, paths
+from unclip_jax import cli, imaging, paths
 from unclip_jax.cli import shipped
+from unclip_jax.diffusion import samplers
+from unclip_jax.stages import DIFFUSION_STAGES as STAGES
 
 # assets/shapes_demo in a checkout, unclip_jax/assets/shapes_demo in a wheel; None if neither is there.
 DEMO_CHECKPOINT = shipped.find(os.path.join("assets", "shapes_demo"))
-STAGES = ("prior", "decoder", "sr1", "sr2")
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption to draw (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one caption per line.")
@@ -52,7 +58,7 @@ _CANDIDATES = flags.DEFINE_integer("prior_candidates", 2, "Prior draws per image
 _CACHE = flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "unclip_jax"),
                              "JAX persistent compilation cache folder ('' to disable).")
 _STEPS = {s: flags.DEFINE_integer(f"{s}_steps", None, f"{s} sampling steps (default: the preset's).") for s in STAGES}
-_SAMPLERS = {s: flags.DEFINE_enum(f"{s}_sampler", None, ["ddpm", "ddim"], f"{s} sampler.") for s in STAGES}
+_SAMPLERS = {s: flags.DEFINE_enum(f"{s}_sampler", None, list(samplers.SAMPLERS), f"{s} sampler (dpmpp_*: DPM-Solver++, deterministic, for fewer steps).") for s in STAGES}
 _GUIDANCE = {s: flags.DEFINE_float(f"{s}_guidance", None, f"{s} guidance scale.") for s in ("prior", "decoder")}
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta for every stage that samples with DDIM (interpolate and textdiff "
                          "keep the decoder's at 0).")
@@ -81,8 +87,6 @@ def _prompts() -> list[str]:
 
 
 def _image(flag):
-  from unclip_jax import imaging
-
   try:
     return imaging.load_image(flag.value)
   except imaging.ImageError as e:
@@ -108,8 +112,8 @@ def _check_mode_flags(mode: str):
     if len(_PROMPT.value) != 1 or not _PROMPT.value[0].strip() or not _PROMPT2.value.strip():
       _fail("--mode=textdiff needs one non-empty --prompt (the image's caption) and a non-empty --prompt2 "
             "(the caption to move toward).")
-  if mode in ("interpolate", "textdiff") and _SAMPLERS["decoder"].value == "ddpm":
-    _fail(f"--mode={mode} decodes with DDIM (eta 0) from a fixed or inverted x_T; drop --decoder_sampler=ddpm.")
+  if mode in ("interpolate", "textdiff") and _SAMPLERS["decoder"].value not in (None, "ddim"):
+    _fail(f"--mode={mode} decodes with DDIM (eta 0) from a fixed or inverted x_T; drop --decoder_sampler.")
   if mode == "interpolate" and _NUM_FRAMES.value < 2:
     _fail("--num_frames must be at least 2 (the two end frames).")
 
@@ -122,15 +126,11 @@ def _thetas() -> list[float]:
       _fail(f"--thetas must be numbers separated by commas, got {','.join(_THETAS.value)!r}.")
   if _NUM_FRAMES.value < 1:
     _fail("--num_frames must be at least 1.")
-  import numpy as np
-
   return [float(t) for t in np.linspace(0.0, _MAX_THETA.value, _NUM_FRAMES.value)]
 
 
 def _options(pipeline_lib, pipe, mode: str):
   """The checkpoint's defaults (or --preset), adjusted for the mode, then the stage flags."""
-  import dataclasses
-
   base = dict(pipeline_lib.PRESETS[_PRESET.value]) if _PRESET.value else None
   options = pipe.options_for(mode, base)
   for stage in STAGES:
@@ -147,6 +147,40 @@ def _options(pipeline_lib, pipe, mode: str):
       changes["dynamic_threshold"] = _THRESHOLD.value
     options[stage] = dataclasses.replace(options[stage], **changes)
   return pipe.options_for(mode, options)  # interpolate / textdiff keep their deterministic decoder
+
+
+def slug(text: str, limit: int = 40) -> str:
+  """A file-name-safe form of a caption (or file stem): lower case, runs of other characters -> "_"."""
+  kept = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+  return "_".join(filter(None, kept.split("_")))[:limit] or "unconditional"
+
+
+def write_outputs(out_dir: str, images: np.ndarray, jobs: Sequence[tuple[str, int]], options: dict,
+                  settings: dict, extras: Sequence[dict] | None = None, names: Sequence[str] | None = None,
+                  grid_columns: int | None = None) -> list[str]:
+  """One PNG per image with a same-named JSON, and one grid PNG.
+
+  jobs[i] = (prompt, seed) of image i. Its JSON holds prompt, seed, every
+  stage's options, `settings` and extras[i] (per-image fields, e.g. frame and
+  theta). names[i] is its file stem (default PROMPT_seedN). Returns the written
+  image paths, the grid last.
+  """
+  if extras is not None and len(extras) != len(images) or names is not None and len(names) != len(images):
+    raise ValueError(f"{len(images)} images need as many extras and names.")
+  out = paths.as_path(out_dir)  # a local folder or a URI (gs://, file://)
+  out.mkdir(parents=True, exist_ok=True)
+  stage_options = {s: dataclasses.asdict(o) for s, o in options.items()}
+  written = []
+  for i, (image, (prompt, seed)) in enumerate(zip(images, jobs)):
+    stem = os.fspath(out / (names[i] if names else f"{slug(prompt)}_seed{seed}"))
+    imaging.save_png(image, stem + ".png")
+    paths.as_path(stem + ".json").write_text(json.dumps(
+        {"prompt": prompt, "seed": seed, **(extras[i] if extras else {}), "options": stage_options, **settings},
+        indent=2))
+    written.append(stem + ".png")
+  grid_path = os.fspath(out / f"grid_{time.strftime('%Y%m%d-%H%M%S')}_seed{jobs[0][1]}.png")
+  imaging.save_png(imaging.make_grid(images, columns=grid_columns), grid_path)
+  return written + [grid_path]
 
 
 def _stem(path: str) -> str:
@@ -174,12 +208,11 @@ def main(argv):
     _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist.")
 
   import jax
-  import numpy as np
 
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  from unclip_jax import imaging, parallel
+  from unclip_jax import parallel
   from unclip_jax import pipeline as pipeline_lib
 
   mesh = parallel.sampling_mesh()
@@ -199,28 +232,28 @@ def main(argv):
                                num_candidates=_CANDIDATES.value, up_to=up_to)
     elif mode == "variations":
       seeds = [seed + j for j in range(_NUM_IMAGES.value)]
-      out = pipe.variations(images["image"], seeds, options, up_to=up_to)
+      out = pipeline_lib.variations(pipe, images["image"], seeds, options, up_to=up_to)
       jobs = [("", s) for s in seeds]
       extras = [{"image": _absolute(_IMAGE.value)} for _ in seeds]
-      names = [f"{pipeline_lib.slug(_stem(_IMAGE.value))}_variation_seed{s}" for s in seeds]
+      names = [f"{slug(_stem(_IMAGE.value))}_variation_seed{s}" for s in seeds]
     elif mode == "interpolate":
       frames = _NUM_FRAMES.value
-      out = pipe.interpolate(images["image"], images["image2"], frames, seed=seed, options=options,
-                             noise=_INTERP_NOISE.value, up_to=up_to)
+      out = pipeline_lib.interpolate(pipe, images["image"], images["image2"], frames, seed=seed, options=options,
+                                     noise=_INTERP_NOISE.value, up_to=up_to)
       thetas = [float(t) for t in np.linspace(0.0, 1.0, frames)]
       jobs = [("", seed)] * frames
       extras = [{"image": _absolute(_IMAGE.value), "image2": _absolute(_IMAGE2.value), "frame": k,
                  "theta": theta, "interp_noise": _INTERP_NOISE.value} for k, theta in enumerate(thetas)]
-      stem = f"interpolate_{pipeline_lib.slug(_stem(_IMAGE.value))}_{pipeline_lib.slug(_stem(_IMAGE2.value))}"
+      stem = f"interpolate_{slug(_stem(_IMAGE.value))}_{slug(_stem(_IMAGE2.value))}"
       names = [f"{stem}_seed{seed}_frame{k:02d}" for k in range(frames)]
       columns = frames
     else:  # textdiff
       source, target = _PROMPT.value[0], _PROMPT2.value
-      out = pipe.text_diff(images["image"], source, target, thetas, options, seed=seed, up_to=up_to)
+      out = pipeline_lib.text_diff(pipe, images["image"], source, target, thetas, options, seed=seed, up_to=up_to)
       jobs = [(source, seed)] * len(thetas)
       extras = [{"image": _absolute(_IMAGE.value), "prompt2": target, "frame": k, "theta": theta}
                 for k, theta in enumerate(thetas)]
-      stem = f"textdiff_{pipeline_lib.slug(_stem(_IMAGE.value))}_{pipeline_lib.slug(target)}"
+      stem = f"textdiff_{slug(_stem(_IMAGE.value))}_{slug(target)}"
       names = [f"{stem}_frame{k:02d}_theta{theta:.3f}" for k, theta in enumerate(thetas)]
       columns = len(thetas)
   except (imaging.ImageError, pipeline_lib.InputError, pipeline_lib.CheckpointError) as e:
@@ -232,8 +265,7 @@ def main(argv):
   if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):
     settings["inversion_iters"] = pipe.inversion_iters
   used = {s: o for s, o in options.items() if mode == "text" or s != "prior"}  # the applications start at z_i
-  written = pipeline_lib.write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names,
-                                     grid_columns=columns)
+  written = write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names, grid_columns=columns)
   print("\n".join(written))
 
 

@@ -22,10 +22,10 @@ import numpy as np
 
 from unclip_jax import imaging
 from unclip_jax.data import degradations
-from unclip_jax.diffusion import gaussian, losses, samplers
-from unclip_jax.diffusion.schedules import Schedule, make_schedule
+from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import unet as unet_lib
-from unclip_jax.stages.decoder import variance_type
+from unclip_jax.stages import contract, denoising
 
 Degrade = Callable[[jax.Array, jax.Array], jax.Array]  # degrade(rng, low_res [B, h, w, C]) -> same shape
 
@@ -57,17 +57,13 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res
 
   image: [B, S, S, 3] target crops in [-1, 1]; low_res_up: [B, S, S, 3] conditioning.
   """
-  x0 = jnp.asarray(image, jnp.float32)
-  b = x0.shape[0]
-  k_t, k_noise, k_drop = jax.random.split(rng, 3)
-  i = jax.random.randint(k_t, (b,), 0, schedule.num_steps)
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  x_t = gaussian.q_sample(schedule, x0, i, noise)
-  out = unet_lib.UNet(cfg).apply({"params": params}, x_t, schedule.timesteps[i], low_res=low_res_up,
-                                 train=train, rngs={"dropout": k_drop})
-  loss, parts = losses.diffusion_loss(schedule, out, x0, x_t, i, noise, prediction_type=prediction_type,
-                                      variance_type=variance_type(cfg))
-  return jnp.mean(loss), {k: jnp.mean(v) for k, v in parts.items()}
+  model = unet_lib.UNet(cfg)
+
+  def apply(x_t, t, dropout_rng):
+    return model.apply({"params": params}, x_t, t, low_res=low_res_up, train=train, rngs={"dropout": dropout_rng})
+
+  return denoising.loss(apply, schedule, image, rng, prediction_type=prediction_type,
+                        variance_type=denoising.variance_type(cfg))
 
 
 def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedule: Schedule,
@@ -95,11 +91,13 @@ def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedul
 
 
 def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *, size: int,
-           params_last=None, sampler: str = "ddim", prediction_type: str = "eps", **sampler_kwargs):
+           params_last=None, sampler: str = "ddim", prediction_type: str = "eps", variance_type: str | None = None,
+           **sampler_kwargs):
   """Full-size samples [B, size, size, 3] from low_res [B, h, w, 3] in [-1, 1].
 
   Unguided. params_last, if given, runs the chain's final step (Karlo's
   super_res_last); params runs all the others (super_res_first).
+  variance_type: default from the U-Net's output channels.
   """
   model = unet_lib.UNet(cfg)
   low_up = unet_lib.resize_low_res(jnp.asarray(low_res, jnp.float32), (size, size))
@@ -113,8 +111,32 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *
 
   b = low_up.shape[0]
   x = samplers.sample(model_fn, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
-                      prediction_type=prediction_type, variance_type=variance_type(cfg), **sampler_kwargs)
+                      prediction_type=prediction_type, variance_type=variance_type or denoising.variance_type(cfg),
+                      **sampler_kwargs)
   return jnp.clip(x, -1.0, 1.0)
+
+
+def sampler_from_export(export: contract.UpsamplerExport, options: contract.StageOptions, *,
+                        progress_desc: str | None = None):
+  """sample(params, rng, low_res) -> images [B, R, R, 3]: the exported upsampler sampled as `options`
+  say (unguided: its guidance_scale is not used). Params of a params_last export are its
+  {"first", "last"} pair. Jit it."""
+  d = export.diffusion
+  fn = functools.partial(
+      sample, cfg=export.model, schedule=d.make_schedule(options.num_steps), size=export.resolution,
+      sampler=options.sampler, eta=options.eta, clip_range=options.clip_range,
+      dynamic_threshold=options.dynamic_threshold, prediction_type=d.prediction_type, variance_type=d.variance_type,
+      progress_desc=progress_desc)
+  if not export.params_last:
+    return fn
+  return lambda params, **kwargs: fn(params["first"], params_last=params["last"], **kwargs)
+
+
+def sampling_options(config) -> contract.StageOptions:
+  """How a training config's sample grids (and the AOT tool's sampling loop) sample: its
+  sample_steps, sampler and clip_range, or 25 DDIM steps."""
+  return contract.StageOptions(config.get("sample_steps", 25), config.get("sampler", "ddim"),
+                               clip_range=config.get("clip_range", 1.0))
 
 
 def add_low_res(example: dict, *, augmentation: str, low_res_resolution: int, seed: int) -> dict:
@@ -141,21 +163,23 @@ class UpsamplerStage:
 
   def __init__(self, config, eval_batch: dict):
     self.config = config
+    diffusion = contract.Diffusion.from_config(config.diffusion)
     self.unet_config = unet_lib.UNetConfig.from_dict(dict(
-        config.model.to_dict(), in_channels=3, low_res_channels=3, out_channels=3,
+        config.model.to_dict(), in_channels=3, low_res_channels=3,
+        out_channels=denoising.out_channels(3, diffusion.variance_type),
         dtype=config.get("compute_dtype", "float32"))).validate()
-    self.schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    self.prediction_type = config.diffusion.get("prediction_type", "eps")
+    self.export_config = contract.UpsamplerExport(config.stage, self.unet_config, config.resolution,
+                                                  config.low_res_resolution, diffusion, config.augmentation)
+    self.schedule = diffusion.make_schedule()
+    self.sampling = sampling_options(config)
     self._loss = functools.partial(training_loss, cfg=self.unet_config, schedule=self.schedule,
                                    crop_fraction=config.get("crop_fraction", 0.25),
-                                   prediction_type=self.prediction_type)
+                                   prediction_type=diffusion.prediction_type)
     n = config.get("num_sample_images", 8)
     self.eval = {k: v[:n] for k, v in self.encode_batch(eval_batch).items()}
 
   def init_params(self, rng):
-    r, lr = self.config.resolution, self.config.low_res_resolution
-    return jax.jit(lambda key: unet_lib.UNet(self.unet_config).init(
-        key, jnp.zeros((1, r, r, 3)), jnp.zeros((1,), jnp.int32), low_res=jnp.zeros((1, lr, lr, 3)))["params"])(rng)
+    return unet_lib.init_params(self.unet_config, rng)
 
   def loss(self, params, batch, rng):
     return self._loss(params, batch, rng)
@@ -174,18 +198,12 @@ class UpsamplerStage:
 
   def sample_images(self, params, rng):
     """Upsampled fixed low-res images: [low-res (nearest), sample, target] per example."""
-    schedule = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps,
-                             self.config.get("sample_steps", 25))
     low = jnp.asarray(self.eval["low_res"])
-    out = np.asarray(sample(params, self.unet_config, schedule, rng, low, size=self.config.resolution,
-                            sampler=self.config.get("sampler", "ddim"), clip_range=1.0,
-                            prediction_type=self.prediction_type))
+    out = np.asarray(sampler_from_export(self.export_config, self.sampling)(params, rng=rng, low_res=low))
     factor = self.config.resolution // self.config.low_res_resolution
     nearest = np.repeat(np.repeat(np.asarray(low), factor, axis=1), factor, axis=2)
     rows = np.stack([nearest, out, self.eval["image"]], axis=1).reshape((-1,) + out.shape[1:])
     return imaging.to_uint8(rows)
 
   def inference_config(self):
-    return {"stage": self.config.stage, "model": self.unet_config.to_dict(), "resolution": self.config.resolution,
-            "low_res_resolution": self.config.low_res_resolution, "augmentation": self.config.augmentation,
-            "diffusion": self.config.diffusion.to_dict()}
+    return self.export_config.to_json()

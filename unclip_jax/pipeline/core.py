@@ -1,0 +1,259 @@
+"""The Pipeline: a loaded unCLIP stack that runs text -> z_t -> prior -> z_i ->
+decoder -> upsamplers, and the building blocks of the image applications
+(applications.py): CLIP image embeddings, decoding given z_i (and x_T), DDIM
+inversion.
+
+Every stage's sampler is one compiled loop, built from the stage's export by
+the stage itself (its sampler_from_export). Each image has its own seed, from
+which all its noise (x_T and every step, in every stage) is drawn, so an
+image does not depend on the batch it is drawn in or on the number of devices.
+"""
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unclip_jax import imaging
+from unclip_jax.diffusion import samplers
+from unclip_jax.pipeline import loading
+from unclip_jax.pipeline import options as options_lib
+from unclip_jax.pipeline.options import STAGES, StageOptions
+from unclip_jax.stages import UPSAMPLERS, decoder, prior, text, upsampler
+
+# Each stage's noise is drawn from fold_in(key(seed), stream): these numbers are part of every
+# sample's identity (the same seed gives the same image in every version), never to be renumbered.
+RNG_STREAMS = {"prior": 0, "decoder": 1, "sr1": 2, "sr2": 3}
+
+
+def stage_keys(seeds: Sequence[int], stage: str):
+  """Per-image keys of one stage: fold_in(key(seed), RNG_STREAMS[stage])."""
+  stream = RNG_STREAMS[stage]
+  return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stream))(jnp.asarray(seeds, jnp.uint32))
+
+
+def read_images(images) -> np.ndarray:
+  """uint8 [N, H, W, 3] from an image path, an array [H, W, 3] / [N, H, W, 3], or a list of them."""
+  if isinstance(images, (str, os.PathLike)):
+    return imaging.load_image(images)[None]
+  if isinstance(images, (list, tuple)):
+    loaded = [read_images(x) for x in images]
+    if len({x.shape for x in loaded}) > 1:
+      raise imaging.ImageError(f"Images of different sizes {[x.shape[1:3] for x in loaded]} in one batch; "
+                               "pass them one at a time.")
+    return np.concatenate(loaded)
+  return imaging.check_images(images)
+
+
+def output(images, n: int, as_float: bool) -> np.ndarray:
+  """The first n images, as uint8 or (as_float) float32 in [-1, 1]."""
+  images = np.asarray(images)[:n]
+  return images.astype(np.float32) if as_float else imaging.to_uint8(images)
+
+
+def _pad(x, total: int):
+  """A list or an array [n, ...] padded to `total` rows by repeating its last."""
+  if isinstance(x, list):
+    return x + [x[-1]] * (total - len(x))
+  x = np.asarray(x)
+  return np.concatenate([x, np.repeat(x[-1:], total - len(x), axis=0)]) if total > len(x) else x
+
+
+class Pipeline:
+  """A loaded unCLIP stack; see `load`.
+
+  Text to image: `text_to_image` (prior, then `decode`). The paper's
+  applications (pipeline.variations, interpolate, text_diff) work on images
+  through CLIP's image embeddings z_i (`image_embeddings`) and the decoder
+  (`decode`, `invert`: DDIM inversion). Images come in as uint8 [H, W, 3]
+  arrays (any size) or image file paths. Every method that samples takes
+  `options` ({stage: StageOptions}, merged over `default_options`).
+
+  Compiled loops are cached per pipeline (and go with it): one per stage and
+  set of options.
+  """
+
+  # Fixed-point iterations per DDIM inversion step (samplers.ddim_invert); 0 is plain inversion.
+  inversion_iters = 8
+
+  def __init__(self, clip, params: dict, exports: dict, mesh=None, progress: bool = False,
+               default_options: dict | None = None):
+    """params, exports: per stage, its params and export record (stages/contract.py); the prior is optional."""
+    self.clip = clip
+    self.params = params
+    self.exports = exports
+    self.mesh = mesh
+    self.progress = progress
+    # The checkpoint's recommended settings over Karlo's (text_to_image etc. use them when options is None).
+    self.default_options = options_lib.over_karlo(default_options)
+    self.uncond = text.unconditional(clip)
+    if mesh is not None:  # params and the unconditional text on every device
+      replicated = NamedSharding(mesh, P())
+      self.params, self.uncond = jax.device_put((self.params, self.uncond), replicated)
+    self._compiled = {}
+
+  @classmethod
+  def load(cls, path: str, clip_dir: str | None = None, mesh=None, progress: bool = False) -> "Pipeline":
+    """Reads CHECKPOINT/pipeline.json, its CLIP and each stage's export (loading.py); clear errors
+    (CheckpointError) if any is missing. path (and clip_dir) may be a URI: gs://, file://."""
+    clip, params, exports, default_options = loading.read_checkpoint(path, clip_dir)
+    return cls(clip, params, exports, mesh=mesh, progress=progress, default_options=default_options)
+
+  @property
+  def stages(self) -> tuple[str, ...]:
+    return tuple(s for s in STAGES if s in self.params)
+
+  @property
+  def decoder_resolution(self) -> int:
+    return self.exports["decoder"].resolution
+
+  def options_for(self, mode: str = "text", options: dict | None = None) -> dict:
+    """The stage options a mode (text, variations, interpolate, textdiff) samples with: options over
+    default_options, then the mode's decoder (options.for_mode)."""
+    return options_lib.for_mode(mode, options, self.default_options)
+
+  # -- one compiled loop per stage, built by the stage from its export ---------------------------
+
+  def _jit(self, key: tuple, build):
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(build())
+    return self._compiled[key]
+
+  def _desc(self, name: str) -> str | None:
+    return name if self.progress else None
+
+  def _prior_fn(self, options: StageOptions, num_candidates: int):
+    return self._jit(("prior", options, num_candidates), lambda: prior.sampler_from_export(
+        self.exports["prior"], options, num_candidates=num_candidates, progress_desc=self._desc("prior")))
+
+  def _decoder_fn(self, options: StageOptions):
+    return self._jit(("decoder", options), lambda: decoder.sampler_from_export(
+        self.exports["decoder"], options, progress_desc=self._desc("decoder")))
+
+  def _invert_fn(self, options: StageOptions, fixed_point_iters: int):
+    return self._jit(("invert", options, fixed_point_iters), lambda: decoder.inverter_from_export(
+        self.exports["decoder"], options, fixed_point_iters=fixed_point_iters, progress_desc=self._desc("inversion")))
+
+  def _upsampler_fn(self, stage: str, options: StageOptions):
+    return self._jit((stage, options), lambda: upsampler.sampler_from_export(
+        self.exports[stage], options, progress_desc=self._desc(stage)))
+
+  # -- batches over devices -----------------------------------------------------------------------
+
+  def _shard(self, tree):
+    """Batch-split over the mesh's devices (the batch is padded to divide by their number)."""
+    if self.mesh is None:
+      return tree
+    sharding = NamedSharding(self.mesh, P(self.mesh.axis_names))
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+  def _padded(self, n: int) -> int:
+    devices = 1 if self.mesh is None else self.mesh.devices.size
+    return -(-n // devices) * devices
+
+  # -- text -> image ------------------------------------------------------------------------------
+
+  def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int], options: dict | None = None,
+                    num_candidates: int = 2, up_to: str | None = None, as_float: bool = False) -> np.ndarray:
+    """Images [N, R, R, 3], image i from prompts[i] and seeds[i]: uint8, or float in [-1, 1] if as_float.
+
+    options: stage -> StageOptions (or a dict of its fields), over
+    default_options. up_to stops after that stage (e.g. "decoder" for the 64 px
+    images).
+    """
+    if len(prompts) != len(seeds):
+      raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds.")
+    if "prior" not in self.exports:
+      raise loading.CheckpointError("This checkpoint has no prior: it makes images from images (variations, "
+                                    "interpolate, textdiff), not from text.")
+    options = self.options_for("text", options)
+    n = len(prompts)
+    total = self._padded(n)
+    prompts, seeds = _pad(list(prompts), total), _pad(list(seeds), total)
+    encoding = self.clip.encode_text(prompts)
+    keys = stage_keys(seeds, "prior")
+    rows = jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.arange(num_candidates)))(keys)
+    z_i = self._prior_fn(options["prior"], num_candidates)(
+        self.params["prior"], self._shard(text.conditioning(encoding)), self.uncond, self._shard(rows.reshape(-1)))
+    images = self._decode(z_i, encoding, seeds, options, None, up_to)
+    return output(images, n, as_float)
+
+  # -- the decoder half: z_i (+ caption) -> image -------------------------------------------------
+
+  def decode(self, z_i, prompts: str | Sequence[str], seeds: Sequence[int], options: dict | None = None,
+             x_T=None, up_to: str | None = None) -> np.ndarray:
+    """Float images [N, R, R, 3] in [-1, 1] decoded from CLIP image embeddings z_i [N, D].
+
+    prompts: the decoder's caption per image, or one for all ("" = none, as in
+    variations). seeds[i] draws all of image i's noise: its x_T (unless x_T
+    [N, r, r, 3] at the decoder's resolution r is given) and every sampler
+    step of every stage. options: as in text_to_image, used as given (no mode
+    adjustments; see options_for).
+    """
+    z_i = np.asarray(z_i, np.float32)
+    n = len(z_i)
+    prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
+    if not len(prompts) == len(seeds) == n:
+      raise ValueError(f"{n} embeddings, {len(prompts)} prompts and {len(seeds)} seeds: one each per image.")
+    options = self.options_for("text", options)
+    total = self._padded(n)
+    encoding = self.clip.encode_text(_pad(prompts, total))
+    if x_T is not None:
+      x_T = _pad(np.asarray(x_T, np.float32), total)
+    images = self._decode(_pad(z_i, total), encoding, _pad(list(seeds), total), options, x_T, up_to)
+    return np.asarray(images)[:n]
+
+  def _decode(self, z_i, encoding, seeds, options: dict, x_T, up_to: str | None):
+    """decode on a batch already padded to the devices."""
+    cond = self._shard(dict(text.conditioning(encoding), z_i=z_i))
+    images = self._decoder_fn(options["decoder"])(
+        self.params["decoder"], rng=self._shard(stage_keys(seeds, "decoder")), cond=cond, uncond=self.uncond,
+        guidance_scale=options["decoder"].guidance_scale, x_T=None if x_T is None else self._shard(x_T))
+    for stage in UPSAMPLERS:
+      if up_to in STAGES[:STAGES.index(stage)] or stage not in self.params:
+        break
+      images = self._upsampler_fn(stage, options[stage])(
+          self.params[stage], rng=self._shard(stage_keys(seeds, stage)), low_res=images)
+    return images
+
+  def initial_noise(self, seeds: Sequence[int]) -> np.ndarray:
+    """The decoder's x_T [N, r, r, 3] for these seeds: what decode draws when given no x_T."""
+    r = self.decoder_resolution
+    shape = (len(seeds), r, r, self.exports["decoder"].model.in_channels)
+    return np.asarray(samplers.initial_noise(stage_keys(seeds, "decoder"), shape))
+
+  # -- images in ----------------------------------------------------------------------------------
+
+  def image_embeddings(self, images) -> np.ndarray:
+    """CLIP image embeddings z_i [N, D] (as CLIP makes them: projected, not unit-norm) of uint8 images
+    [N, H, W, 3] of any size (CLIP resizes the shortest side and centre-crops), or of image paths."""
+    return np.asarray(self.clip.encode_image(read_images(images), value_range=(0, 255)), np.float32)
+
+  def invert(self, images, z_i=None, prompts: str | Sequence[str] = "", options: dict | None = None,
+             fixed_point_iters: int | None = None) -> np.ndarray:
+    """DDIM inversion: the x_T [N, r, r, 3] from which the decoder, run with DDIM eta = 0, makes the
+    images again (shortest side resized to the decoder's resolution r, centre-cropped).
+
+    The chain is inverted through the same guided model function the decode
+    uses: the decoder under each image's own z_i (default: its CLIP
+    embedding) and `prompts` (default: none), with options["decoder"]'s
+    steps, guidance scale and x_0 clamp. fixed_point_iters (default
+    inversion_iters) makes the round trip exact up to the fixed point's
+    convergence (samplers.ddim_invert); 0 is the usual approximate inversion.
+    """
+    images = read_images(images)
+    n = len(images)
+    z_i = self.image_embeddings(images) if z_i is None else np.asarray(z_i, np.float32)
+    prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
+    options = self.options_for("textdiff", options)["decoder"]
+    iters = self.inversion_iters if fixed_point_iters is None else fixed_point_iters
+    x0 = imaging.to_model_range(imaging.square(images, self.decoder_resolution))
+    total = self._padded(n)
+    encoding = self.clip.encode_text(_pad(prompts, total))
+    cond = self._shard(dict(text.conditioning(encoding), z_i=_pad(z_i, total)))
+    x_T = self._invert_fn(options, iters)(self.params["decoder"], images=self._shard(_pad(x0, total)), cond=cond,
+                                          uncond=self.uncond, guidance_scale=options.guidance_scale)
+    return np.asarray(x_T)[:n]
