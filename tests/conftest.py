@@ -1,8 +1,15 @@
-"""Test setup: 8 fake CPU devices (must be set before jax is imported)."""
+"""Test setup: 8 fake CPU devices and XLA's quick CPU compiles (set before jax is imported).
+
+`--xla_backend_optimization_level=0` skips LLVM's optimisations of the CPU code XLA generates: on
+the CPU most of the suite's time is compiling, and no test checks how fast the generated code runs
+(the results are the same programs'; compiles for TPU topologies, tests/test_aot.py, ignore it).
+Subprocesses that set XLA_FLAGS themselves pass it on too.
+"""
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

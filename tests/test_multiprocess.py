@@ -17,7 +17,9 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
+import multiprocess_toy
 from unclip_jax import checkpoints
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -32,17 +34,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, mesh: str, num_processes: int, sleep: float = 0.0) -> list[subprocess.Popen]:
-  devices = 8 // num_processes
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  command = [sys.executable, SCRIPT, str(workdir), str(TOTAL_STEPS), "--mesh", mesh, "--sleep", str(sleep)]
-  if num_processes == 1:
-    return [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
-  port = _free_port()
-  return [subprocess.Popen(command + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-                                      f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-          for i in range(num_processes)]
+def _launch(workdir, mesh: str, sleep: float = 0.0) -> list[subprocess.Popen]:
+  """Two processes x 4 devices."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), JAX_PLATFORMS="cpu",  # conftest.py's compiles
+             XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+  command = [sys.executable, SCRIPT, str(workdir), str(TOTAL_STEPS), "--mesh", mesh, "--sleep", str(sleep),
+             f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  return [subprocess.Popen(command + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+          for i in range(2)]
 
 
 def _finish(procs, timeout=300):
@@ -70,10 +69,11 @@ def _assert_each_position_read_once(workdir):
   assert every == list(range(TOTAL_STEPS * BATCH_SIZE))
 
 
+@pytest.mark.slow
 def test_two_processes_stop_resume_on_any_process_count_and_export(tmp_path):
   reference, run = tmp_path / "reference", tmp_path / "run"
   # Two processes x 4 devices; data split over the processes, FSDP within each.
-  procs = _launch(run, "data=2,fsdp=4", 2, sleep=0.4)
+  procs = _launch(run, "data=2,fsdp=4", sleep=0.4)
   deadline = time.time() + 240
   while time.time() < deadline and not [s for s in _checkpoint_steps(run) if s >= 2]:
     time.sleep(0.2)
@@ -91,12 +91,15 @@ def test_two_processes_stop_resume_on_any_process_count_and_export(tmp_path):
     assert sorted(mine + theirs) == list(range(step * BATCH_SIZE, (step + 1) * BATCH_SIZE))
 
   # Resume as 2 processes with FSDP across them, and as 1 process x 8 devices; the uninterrupted
-  # single-process reference runs alongside.
+  # single-process reference runs alongside. The single-process runs are this process (8 devices,
+  # conftest.py): the same training as multiprocess_toy.py's, without starting two more Pythons.
   as_two, as_one = tmp_path / "as_two", tmp_path / "as_one"
   shutil.copytree(run, as_two)
   shutil.copytree(run, as_one)
-  resumed = _launch(as_two, "data=1,fsdp=8", 2) + _launch(as_one, "data=4,fsdp=2", 1)
-  _finish(_launch(reference, "data=2,fsdp=4", 1))
+  resumed = _launch(as_two, "data=1,fsdp=8")
+  assert jax.process_count() == 1 and jax.device_count() == 8
+  multiprocess_toy.run(str(as_one), TOTAL_STEPS, "data=4,fsdp=2")
+  multiprocess_toy.run(str(reference), TOTAL_STEPS, "data=2,fsdp=4")
   _finish(resumed)
 
   want = checkpoints.load_inference(str(reference / "export"))[0]

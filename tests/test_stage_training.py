@@ -206,6 +206,7 @@ def test_upsampler_low_res_from_the_data_workers_equals_the_stages_own(tmp_path)
 # tests/test_shapes_demo.py runs every stage through train.py on the Shapes world and checks their
 # exports; this one adds a tensorflow-datasets source, with the decoder, the stage that reads both
 # the images and the captions (the upsamplers read the images only).
+@pytest.mark.slow
 @pytest.mark.parametrize("stage_name", ["decoder"])
 def test_stage_trains_on_shapes_and_tfds_mock_data(stage_name, tmp_path, shapes_clip_dir):
   """Through the real loop: step 1 on the Shapes world, step 2 on tfds mock coco_captions

@@ -20,25 +20,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script_env():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  return env
+  # conftest.py's XLA_FLAGS (8 devices, its compile settings): the programs this process compiles.
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 
 
 def _params(workdir):
   return checkpoints.load_inference(os.path.join(workdir, "export"))[0]
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_equals_a_straight_run(tmp_path):
   straight = tmp_path / "straight"
   train_loop.train(toy_config(6), str(straight), ToyStage(), toy_batches)
   resumed = tmp_path / "resumed"
-  subprocess.run([sys.executable, TOY, str(resumed), "3"], check=True, env=_script_env(), capture_output=True)
+  # Steps 1-3 here (what `python tests/toy_stage.py DIR 3` runs), then steps 4-6 in a new process.
+  train_loop.train(toy_config(3), str(resumed), ToyStage(), toy_batches)
   assert checkpoints.Checkpointer(str(resumed), save_every=1).latest_step() == 3
   subprocess.run([sys.executable, TOY, str(resumed), "6"], check=True, env=_script_env(), capture_output=True)
   jax.tree.map(np.testing.assert_array_equal, _params(straight), _params(resumed))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen([sys.executable, TOY, str(workdir), "400", "0.05"], env=_script_env(),

@@ -32,6 +32,7 @@ KARLO = {
 }
 
 
+@pytest.mark.slow  # Karlo parity: builds and converts the bench-size diffusers models
 def test_bench_model_is_karlos_scaled_down(tmp_path):
   size = random_karlo.SIZES["bench"]
   parts = random_karlo.components(str(tmp_path), "bench")
