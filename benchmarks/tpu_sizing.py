@@ -67,7 +67,10 @@ def _row(path: str) -> str:
     r = json.load(f)
   fit = r.get("fit_batch") or {}
   paper_batch = paper.get_config(stage).batch_size
-  shown, batch = (r, str(paper_batch)) if "per_chip_bytes" in r else (fit.get("report"), f"{fit['batch_size']}*" if fit else "-")
+  if "per_chip_bytes" in r:
+    shown, batch = r, str(paper_batch)
+  else:
+    shown, batch = fit.get("report"), (f"{fit['batch_size']}*" if fit else "-")
   largest = str(fit["batch_size"]) if fit.get("verified") else ("none checked" if fit else "not sized")
   cells = [stage, topology.replace("_", ":"), remat[len("remat-"):], "yes" if r["fits"] else "no", largest, batch]
   if shown is None:

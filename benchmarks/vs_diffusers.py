@@ -13,8 +13,8 @@ UnCLIPPipeline's defaults: 25 / 25 / 7 DDPM steps (prior / decoder / upsampler),
   thread count; its first call is the warm-up (lazy initialisation, allocator, kernels).
 - steady s/call: the median of --repeats timed calls after the first.
 - peak RSS: the process's resident-set high-water mark (getrusage ru_maxrss) over that
-  pipeline's calls, the first included, reset before them through /proc/self/clear_refs where the kernel allows it (else it is
-  the process's peak so far, which the header says). Host memory only, with both
+  pipeline's calls, the first included, reset before them through /proc/self/clear_refs where the
+  kernel allows it (else it is the process's peak so far, which the header says). Host memory only, with both
   pipelines' weights loaded throughout; on a GPU the device peak is its own column (JAX's
   allocator peak since start; torch.cuda.max_memory_allocated).
 
@@ -47,9 +47,11 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share a GPU with torch
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import (
+  app,  # noqa: E402
+  flags,  # noqa: E402
+  logging,  # noqa: E402
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script from anywhere
@@ -129,8 +131,7 @@ def load_ours(dst: str, dtype: str):
   import jax
   import jax.numpy as jnp
 
-  from unclip_jax import parallel
-  from unclip_jax import pipeline
+  from unclip_jax import parallel, pipeline
 
   mesh = parallel.sampling_mesh()
   pipe = pipeline.Pipeline.load(dst, mesh=mesh)
@@ -248,10 +249,9 @@ def main(argv):
   if _CPU_DEVICES.value > 1:  # before jax starts; it only affects the CPU backend
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}")
+  import diffusers
   import jax
   import torch
-
-  import diffusers
 
   on_gpu = jax.default_backend() == "gpu"
   dtype = _DTYPE.value or ("bfloat16" if on_gpu else "float32")

@@ -78,7 +78,8 @@ def data_config(kind: str, **overrides) -> ml_collections.ConfigDict:
               # folder and tfds decoding (data/loader.py): worker processes, threads and batches buffered per process
               workers=0, threads=8, prefetch=2,
               random_flip=False,  # off: a flip contradicts "left of" / "right of" captions
-              # folder, tfds and shapes: a store of precomputed CLIP embeddings of the same items (unclip-embed, data/embeddings.py)
+              # folder, tfds and shapes: a store of precomputed CLIP embeddings of the same items
+              # (unclip-embed, data/embeddings.py)
               embeddings="")
   unknown = set(overrides) - set(data)
   if unknown:

@@ -17,8 +17,7 @@ guidance 4 (x_0 clamped to +-5 in the prior's normalised space), decoder guidanc
 
 import ml_collections
 
-from configs import common
-from configs import paper
+from configs import common, paper
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import unet as unet_lib
 

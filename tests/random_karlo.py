@@ -24,7 +24,7 @@ import dataclasses
 import os
 
 import torch
-from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 

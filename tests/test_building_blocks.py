@@ -65,7 +65,7 @@ def test_blocked_attention_equals_one_shot_softmax(mask_kind):
     v2 = v.at[1, 7:].set(100.0)
     np.testing.assert_allclose(layers.dot_product_attention(q, k, v2, mask=mask, implementation="blocked"),
                                ref, rtol=0, atol=2e-6)
-  grads = [jax.grad(lambda q: jnp.sum(jnp.sin(f(q))))(q) for f in (
+  grads = [jax.grad(lambda q, f=f: jnp.sum(jnp.sin(f(q))))(q) for f in (
       lambda q: layers.dot_product_attention(q, k, v, mask=mask, implementation="blocked", query_block=32),
       lambda q: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))]
   np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=0, atol=1e-5)

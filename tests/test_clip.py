@@ -9,8 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection,
-                          CLIPTokenizer, CLIPVisionConfig)
+from transformers import (
+  CLIPConfig,
+  CLIPImageProcessor,
+  CLIPModel,
+  CLIPTextConfig,
+  CLIPTextModelWithProjection,
+  CLIPTokenizer,
+  CLIPVisionConfig,
+)
 
 from unclip_jax.models import clip
 

@@ -2,12 +2,12 @@
 
 import dataclasses
 
+import bsr_reference
 import jax
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-import bsr_reference
 from unclip_jax.data import degradations as deg
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
-
 from gaussian_oracle import exact_model_fn
+
 from unclip_jax.diffusion import dpm_solver, samplers, schedules
 
 BETAS = schedules.cosine_betas(1000)

@@ -170,4 +170,5 @@ def test_unclip_embed_writes_the_store_training_reads(shapes_store, shapes_clip_
                                  rtol=1e-3, atol=1e-3)
   bad = subprocess.run(command[:-8], env=env, capture_output=True, text=True, timeout=600)  # no --num_examples
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
-  assert bad.stderr.strip().splitlines()[-1] == "error: a Shapes world is endless: say how many scenes (--num_examples)."
+  last_line = bad.stderr.strip().splitlines()[-1]
+  assert last_line == "error: a Shapes world is endless: say how many scenes (--num_examples)."

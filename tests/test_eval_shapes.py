@@ -14,7 +14,7 @@ NUM_SCENES = 200
 SWAPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _real(resolution):
   return shapes.generate(SEED, range(NUM_SCENES), resolution)
 

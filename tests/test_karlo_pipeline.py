@@ -15,15 +15,16 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import random_karlo  # noqa: E402
-from configs import karlo as karlo_configs  # noqa: E402
 from diffusers import UnCLIPImageVariationPipeline, UnCLIPPipeline, UnCLIPScheduler  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
 from unclip_oracle import FixedNoise  # noqa: E402
+
+from configs import karlo as karlo_configs  # noqa: E402
 from unclip_jax import imaging, pipeline  # noqa: E402
+from unclip_jax.convert import diffusers_pipeline  # noqa: E402
 from unclip_jax.convert.__main__ import main as convert_main  # noqa: E402
 from unclip_jax.convert.common import ConversionError  # noqa: E402
-from unclip_jax.convert import diffusers_pipeline  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
 from unclip_jax.models import prior as prior_lib  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402

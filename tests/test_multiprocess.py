@@ -16,10 +16,10 @@ import sys
 import time
 
 import jax
+import multiprocess_toy
 import numpy as np
 import pytest
 
-import multiprocess_toy
 from unclip_jax import checkpoints
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -32,11 +32,13 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   for name, value in {"UNCLIP_NOTEBOOK_FAST": "1", "UNCLIP_DEMO_CHECKPOINT": CHECKPOINT,
                       "UNCLIP_NOTEBOOK_WORKDIR": str(tmp_path / "runs"), "UNCLIP_COMPILATION_CACHE": "",
                       "UNCLIP_NOTEBOOK_KARLO": "0", "JAX_PLATFORMS": "cpu",
-                      "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}.items():
+                      "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                   "--xla_backend_optimization_level=0"}.items():
     monkeypatch.setenv(name, value)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # From the notebook's own folder, as Jupyter opens it: the install cell finds the repository above.
-  NotebookClient(nb, timeout=1800, startup_timeout=600, kernel_name="python3",  # a busy CI machine starts kernels slowly
+  # startup_timeout: a busy CI machine starts kernels slowly.
+  NotebookClient(nb, timeout=1800, startup_timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
 
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

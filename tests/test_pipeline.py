@@ -45,7 +45,7 @@ def stack_dir(tmp_path_factory, shapes_clip_dir):
     config.clip_dir = shapes_clip_dir
     stage, _ = build.build(config, str(root / stage_name))
     params = stage.init_params(jax.random.key(i))
-    params = jax.tree.map(lambda p: p + 0.02 * np.random.default_rng(i).standard_normal(p.shape), params)
+    params = jax.tree.map(lambda p, i=i: p + 0.02 * np.random.default_rng(i).standard_normal(p.shape), params)
     train_loop.export(stage, params, str(root / stage_name / "export"))
     folders[stage_name] = str(root / stage_name / "export")
   return pipeline.assemble(str(root / "checkpoint"), **folders)

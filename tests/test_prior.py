@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import PriorTransformer
-
 from unclip_oracle import FixedNoise, float64_unclip_scheduler
+
 from unclip_jax import optim, training
 from unclip_jax.convert import common, diffusers_prior
 from unclip_jax.diffusion import schedules

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-
 from toy_stage import ToyStage, toy_batches, toy_config
+
 from unclip_jax import checkpoints, imaging, paths, train_loop
 from unclip_jax.cli import sample as sample_cli
 from unclip_jax.stages import clip as clip_stage

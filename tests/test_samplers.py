@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from gaussian_oracle import exact_model_fn
 from unclip_oracle import FixedNoise, float64_unclip_scheduler
+
 from unclip_jax.diffusion import samplers, schedules
 
 M = jnp.array([0.6, -0.5, 0.8])
@@ -232,7 +232,8 @@ def test_guidance_equals_separate_calls():
 def test_guidance_on_a_device_split_batch_needs_no_communication():
   """Each sample's cond and uncond rows stay on its device: the compiled guided call has no
   collectives (the old [cond; uncond] layout moved half of every model output between devices)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from unclip_jax import parallel
 

@@ -14,9 +14,9 @@ import pytest
 from configs import shapes
 from unclip_jax import checkpoints, parallel, train_loop, training
 from unclip_jax.convert import scan_layout
-from unclip_jax.data import shapes as shapes_data
 from unclip_jax.data import batches as data_batches
 from unclip_jax.data import ordering
+from unclip_jax.data import shapes as shapes_data
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages import build

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from toy_stage import ToyStage, toy_batches, toy_config
 
 from configs import shapes
-from toy_stage import ToyStage, toy_batches, toy_config
 from unclip_jax import checkpoints, train_loop
 from unclip_jax.cli import train as train_cli
 

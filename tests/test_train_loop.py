@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
-
 from toy_stage import ToyStage, toy_batches, toy_config
+
 from unclip_jax import checkpoints, train_loop
 
 TOY = os.path.join(os.path.dirname(__file__), "toy_stage.py")

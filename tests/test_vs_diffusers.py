@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import random_karlo  # noqa: E402
+
 from unclip_jax.convert import diffusers_prior, diffusers_unet  # noqa: E402
 from unclip_jax.models import prior as prior_lib  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402

@@ -11,7 +11,8 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -21,12 +22,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from unclip_jax import checkpoints
-from unclip_jax import imaging
-from unclip_jax import optim
-from unclip_jax import parallel
-from unclip_jax import paths
-from unclip_jax import training
+from unclip_jax import checkpoints, imaging, optim, parallel, paths, training
 from unclip_jax.convert import scan_layout
 
 

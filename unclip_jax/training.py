@@ -1,14 +1,14 @@
 """The train state and the compiled, sharded train step shared by every stage."""
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from unclip_jax import optim
-from unclip_jax import parallel
+from unclip_jax import optim, parallel
 
 # loss_fn(params, batch, rng) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]

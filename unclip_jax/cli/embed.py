@@ -14,9 +14,7 @@ share the folder) split the shards by --process_index / --process_count.
 import sys
 
 import ml_collections
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from unclip_jax import cli
 from unclip_jax.models import clip as clip_lib

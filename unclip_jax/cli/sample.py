@@ -16,11 +16,10 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from unclip_jax import cli, imaging, paths
 from unclip_jax.cli import shipped
@@ -58,7 +57,9 @@ _CANDIDATES = flags.DEFINE_integer("prior_candidates", 2, "Prior draws per image
 _CACHE = flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "unclip_jax"),
                              "JAX persistent compilation cache folder ('' to disable).")
 _STEPS = {s: flags.DEFINE_integer(f"{s}_steps", None, f"{s} sampling steps (default: the preset's).") for s in STAGES}
-_SAMPLERS = {s: flags.DEFINE_enum(f"{s}_sampler", None, list(samplers.SAMPLERS), f"{s} sampler (dpmpp_*: DPM-Solver++, deterministic, for fewer steps).") for s in STAGES}
+_SAMPLERS = {s: flags.DEFINE_enum(f"{s}_sampler", None, list(samplers.SAMPLERS),
+                                  f"{s} sampler (dpmpp_*: DPM-Solver++, deterministic, for fewer steps).")
+             for s in STAGES}
 _GUIDANCE = {s: flags.DEFINE_float(f"{s}_guidance", None, f"{s} guidance scale.") for s in ("prior", "decoder")}
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta for every stage that samples with DDIM (interpolate and textdiff "
                          "keep the decoder's at 0).")

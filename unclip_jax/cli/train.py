@@ -19,9 +19,7 @@ with any number of processes.
 import logging as pylogging
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unclip_jax import cli
@@ -98,8 +96,7 @@ def main(argv):
     sys.exit("error: --config and --workdir are required, e.g. "
              f"{cli.command('train.py')} --config configs/shapes.py:clip --workdir runs/shapes/clip")
   with cli.needs_train_extra():
-    from unclip_jax import parallel
-    from unclip_jax import train_loop
+    from unclip_jax import parallel, train_loop
 
   distributed = distributed_args()
   if distributed is not None:

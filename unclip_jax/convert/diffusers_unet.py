@@ -11,7 +11,6 @@ TensorReader then names every missing, mis-shaped or unused tensor.
 import dataclasses
 import json
 import os
-from typing import Optional
 
 import jax.numpy as jnp
 from flax import traverse_util
@@ -66,7 +65,7 @@ def _single(value, name):
   return value
 
 
-def config_from_diffusers(unet_config: dict, text_proj_config: Optional[dict] = None, **overrides
+def config_from_diffusers(unet_config: dict, text_proj_config: dict | None = None, **overrides
                           ) -> unet_lib.UNetConfig:
   """Our UNetConfig for a diffusers UNet (+ UnCLIPTextProjModel) config.json dict.
 
@@ -121,7 +120,8 @@ def config_from_diffusers(unet_config: dict, text_proj_config: Optional[dict] = 
     if mid != "UNetMidBlock2DSimpleCrossAttn":
       raise ConversionError(f"Unsupported mid_block_type {mid!r}; expected UNetMidBlock2DSimpleCrossAttn.")
     if unet_config.get("num_attention_heads") is not None:
-      raise ConversionError("num_attention_heads is not supported; diffusers reads attention_head_dim as head size here.")
+      raise ConversionError(
+          "num_attention_heads is not supported; diffusers reads attention_head_dim as head size here.")
     hid_type = unet_config.get("encoder_hid_dim_type")
     if hid_type not in (None, "text_proj"):
       raise ConversionError(f"encoder_hid_dim_type={hid_type!r} is not supported.")
@@ -181,7 +181,7 @@ def _fill(reader: TensorReader, target):
     reader.put(path, name, transform)
 
 
-def convert_state_dicts(cfg: unet_lib.UNetConfig, unet_state: dict, text_proj_state: Optional[dict] = None,
+def convert_state_dicts(cfg: unet_lib.UNetConfig, unet_state: dict, text_proj_state: dict | None = None,
                         *, source: str = "diffusers U-Net"):
   """Our params for `cfg` from diffusers state dicts (numpy arrays by name); stacked if cfg.scan_layers."""
   target = dict(unet_lib.param_shapes(dataclasses.replace(cfg, scan_layers=False)))  # diffusers' one-per-layer names
@@ -204,7 +204,7 @@ def _cast(params, cfg):
                                        traverse_util.flatten_dict(params).items()})
 
 
-def load_diffusers_unet(unet_dir: str, text_proj_dir: Optional[str] = None, **overrides):
+def load_diffusers_unet(unet_dir: str, text_proj_dir: str | None = None, **overrides):
   """(config, params) from a diffusers model folder (and, for the decoder, the
   text_proj folder next to it). E.g. Karlo: ("karlo/decoder", "karlo/text_proj"),
   ("karlo/super_res_first",), ("karlo/super_res_last",)."""

@@ -3,10 +3,7 @@
 
 import ml_collections
 
-from unclip_jax.data import embeddings
-from unclip_jax.data import loader
-from unclip_jax.data import shapes
-from unclip_jax.data import sources
+from unclip_jax.data import embeddings, loader, shapes, sources
 
 
 def make_batches(data: ml_collections.ConfigDict, batch_size: int, resolution: int, example_fn=None):

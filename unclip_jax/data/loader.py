@@ -30,7 +30,6 @@ from PIL import Image
 from unclip_jax import imaging
 from unclip_jax.data import ordering
 
-
 ExampleFn = Callable[[dict], dict]
 
 

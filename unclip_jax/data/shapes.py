@@ -8,7 +8,7 @@ which makes it independent of batch size, worker count and device count.
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

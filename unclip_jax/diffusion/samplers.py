@@ -7,21 +7,19 @@ called under one `jax.jit`: the step loop is a `lax.scan`, so a whole chain
 compiles once and runs without returning to Python.
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.diffusion import dpm_solver
-from unclip_jax.diffusion import gaussian
-from unclip_jax.diffusion import progress
+from unclip_jax.diffusion import dpm_solver, gaussian, progress
 from unclip_jax.diffusion.schedules import Schedule
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 SAMPLERS = ("ddpm", "ddim") + tuple(dpm_solver.ORDERS)  # dpmpp_2m, dpmpp_3m
 
 
-def clip_x0(x0, clip_range: Optional[float] = None, dynamic_threshold: Optional[float] = None):
+def clip_x0(x0, clip_range: float | None = None, dynamic_threshold: float | None = None):
   """Keeps the predicted x_0 in range.
 
   clip_range: clamp to [-r, r].
@@ -89,8 +87,8 @@ def ddim_step(schedule: Schedule, i, x_t, model_output, noise, *, eta: float = 0
 
 def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, sampler: str = "ddpm",
            eta: float = 0.0, prediction_type: str = "eps", variance_type: str = "fixed_small",
-           clip_range: Optional[float] = None, dynamic_threshold: Optional[float] = None,
-           step_noise=None, progress_desc: Optional[str] = None):
+           clip_range: float | None = None, dynamic_threshold: float | None = None,
+           step_noise=None, progress_desc: str | None = None):
   """Runs the reverse chain from x_T (or fresh noise of `shape`) to x_0.
 
   Per-step noise is drawn from fold_in(rng, step), so it does not depend on how
@@ -182,9 +180,9 @@ def normal(rng, shape, dtype=jnp.float32):
 
 
 def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: str = "eps",
-                variance_type: str = "fixed_small", clip_range: Optional[float] = None,
-                dynamic_threshold: Optional[float] = None, fixed_point_iters: int = 0,
-                progress_desc: Optional[str] = None):
+                variance_type: str = "fixed_small", clip_range: float | None = None,
+                dynamic_threshold: float | None = None, fixed_point_iters: int = 0,
+                progress_desc: str | None = None):
   """Deterministic DDIM encoding x_0 -> x_T (the state at the chain's last step).
 
   Plain inversion (fixed_point_iters=0) reads the model at the previous, less
@@ -256,7 +254,7 @@ def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: s
   return x
 
 
-def classifier_free_guidance(model_fn: Callable, cond, uncond, scale, *, guided_channels: Optional[int] = None
+def classifier_free_guidance(model_fn: Callable, cond, uncond, scale, *, guided_channels: int | None = None
                              ) -> ModelFn:
   """A model function that evaluates cond and uncond in one batched call and
   returns uncond + scale * (cond - uncond).

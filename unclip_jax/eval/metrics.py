@@ -16,11 +16,10 @@ S_a S_b, so everything is real (eigh); method="sqrtm" uses scipy.linalg.sqrtm on
 S_a S_b instead, as pytorch-fid does, dropping tiny imaginary parts.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import linalg
-
 
 TIE_TOLERANCE = 1e-9  # cosine similarities closer than this are a tie (a miss)
 

@@ -53,7 +53,7 @@ exact colours. The steps, for an RGB uint8 image [R, R, 3] of any size R:
 import dataclasses
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -1,7 +1,6 @@
 """Building blocks shared by the prior and the U-Nets."""
 
 import math
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -74,7 +73,7 @@ class GroupNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype or x.dtype)
 
 
-def dot_product_attention(q, k, v, mask=None, implementation: Optional[str] = None, query_block: int = 256):
+def dot_product_attention(q, k, v, mask=None, implementation: str | None = None, query_block: int = 256):
   """Softmax attention, q [B, T, N, D], k and v [B, S, N, D], mask broadcastable to [B, N, T, S].
 
   implementation: "blocked" runs the queries in blocks of `query_block` (a

@@ -26,7 +26,6 @@ The configs live in unet_config.py (re-exported here).
 """
 
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -70,7 +69,7 @@ class ResBlock(nn.Module):
   eps: float
   dropout: float = 0.0
   deterministic: bool = True
-  resample: Optional[str] = None  # "up" (nearest x2) | "down" (2x2 average) | None
+  resample: str | None = None  # "up" (nearest x2) | "down" (2x2 average) | None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -116,7 +115,7 @@ class AddedKVAttention(nn.Module):
   groups: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  implementation: Optional[str] = None
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x, context, context_mask):  # x [B, H, W, C], context [B, L, Dc], mask [B, L] bool
@@ -185,7 +184,7 @@ class DownBlock(nn.Module):
   downsample: bool
   config: UNetConfig
   deterministic: bool = True
-  segments: Optional[tuple] = None  # [start, stop) layer segments, multi-layer ones scanned; None: no scan
+  segments: tuple | None = None  # [start, stop) layer segments, multi-layer ones scanned; None: no scan
 
   @nn.compact
   def __call__(self, h, temb, context, context_mask):
@@ -230,7 +229,7 @@ class UpBlock(nn.Module):
   upsample: bool
   config: UNetConfig
   deterministic: bool = True
-  segments: Optional[tuple] = None  # as DownBlock's
+  segments: tuple | None = None  # as DownBlock's
 
   @nn.compact
   def __call__(self, h, skips, temb, context, context_mask):
@@ -402,7 +401,7 @@ class UNet(nn.Module):
     return h.astype(jnp.float32)
 
 
-def dummy_inputs(cfg: UNetConfig, batch: int = 1, size: Optional[int] = None, text_len: int = 1):
+def dummy_inputs(cfg: UNetConfig, batch: int = 1, size: int | None = None, text_len: int = 1):
   """Smallest inputs that trace the model (for init and eval_shape)."""
   size = size or 2 ** (cfg.levels - 1)
   x = jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32)

@@ -6,7 +6,6 @@ layout converter and the training configs read them without the modules.
 """
 
 import dataclasses
-from typing import Optional
 
 import jax.numpy as jnp
 
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 class TextProjConfig:
   """UnCLIPTextProjModel: z_i / z_t width, text-token width and extra tokens."""
   clip_dim: int = 768
-  text_dim: Optional[int] = None  # width of the text-token encodings; None: clip_dim
+  text_dim: int | None = None  # width of the text-token encodings; None: clip_dim
   extra_tokens: int = 4
 
 
@@ -30,10 +29,10 @@ class UNetConfig:
   in_channels: int = 3  # channels of x (the noisy image)
   low_res_channels: int = 0  # upsamplers: channels of the low-res conditioning image
   out_channels: int = 3  # 6 = eps and variance interpolation ("learned_range")
-  context_dim: Optional[int] = None  # width of the attention context (diffusers' cross_attention_dim)
-  text_proj: Optional[TextProjConfig] = None  # the decoder's CLIP conditioning
-  encoder_hid_dim: Optional[int] = None  # diffusers' optional "text_proj" encoder_hid_proj
-  time_embed_dim: Optional[int] = None  # None: 4 * block_channels[0]
+  context_dim: int | None = None  # width of the attention context (diffusers' cross_attention_dim)
+  text_proj: TextProjConfig | None = None  # the decoder's CLIP conditioning
+  encoder_hid_dim: int | None = None  # diffusers' optional "text_proj" encoder_hid_proj
+  time_embed_dim: int | None = None  # None: 4 * block_channels[0]
   scale_shift: bool = True  # resnet_time_scale_shift "scale_shift" (AdaGN) vs "default"
   norm_groups: int = 32
   norm_eps: float = 1e-5
@@ -44,7 +43,7 @@ class UNetConfig:
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise every resnet and attention block in the backward pass
   scan_layers: bool = False  # nn.scan over each block's runs of identical layers (see layer_runs)
-  attention_impl: Optional[str] = None  # "blocked", "xla", "cudnn"; None: blocked on CPU (layers.dot_product_attention)
+  attention_impl: str | None = None  # "blocked", "xla", "cudnn"; None: blocked on CPU (layers.dot_product_attention)
 
   @property
   def levels(self) -> int:

@@ -6,7 +6,7 @@ pipeline's default_options; the decoder as Pipeline.options_for(mode) says) and
 returns uint8 images, or floats in [-1, 1] with as_float=True.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

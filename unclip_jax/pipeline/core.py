@@ -10,12 +10,13 @@ image does not depend on the batch it is drawn in or on the number of devices.
 """
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from unclip_jax import imaging
 from unclip_jax.diffusion import samplers

@@ -7,7 +7,7 @@ folder that the frozen-CLIP loader reads exactly as it reads OpenAI's.
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,7 @@ image that the rest of the chain keeps; v weighs x0 evenly across noise levels.
 """
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res
 
 
 def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedule: Schedule,
-                  crop_fraction: float = 0.25, degrade: Optional[Degrade] = None, prediction_type: str = "eps"):
+                  crop_fraction: float = 0.25, degrade: Degrade | None = None, prediction_type: str = "eps"):
   """The shared loss_fn(params, batch, rng) once the keywords are bound.
 
   batch: image [B, H, W, 3] (the full-size target, [-1, 1]) and low_res
