@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from unclip_jax import hlo_stats, parallel, tpu_chips, train_loop, training
 from unclip_jax.models import clip as clip_lib
+from unclip_jax.stages import decoder, prior, text, upsampler
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
@@ -97,8 +98,9 @@ def clip_shapes(config, spec: str = "auto") -> ClipShapes:
   if config.get("clip_dir") and os.path.isfile(path):
     with open(path) as f:
       cfg = json.load(f)
-    text = cfg.get("text_config", cfg)
-    return ClipShapes(int(cfg["projection_dim"]), int(text["hidden_size"]), int(text["max_position_embeddings"]))
+    text_cfg = cfg.get("text_config", cfg)
+    return ClipShapes(int(cfg["projection_dim"]), int(text_cfg["hidden_size"]),
+                      int(text_cfg["max_position_embeddings"]))
   return ClipShapes(*VIT_L_14)
 
 
@@ -111,13 +113,10 @@ def host_batch(config, n: int) -> dict:
 def build_stage(config, clip: ClipShapes):
   """The stage train.py would build (stages/build.py), on the stand-in CLIP and zero data."""
   if config.stage == "prior":
-    from unclip_jax.stages import prior, text
     return prior.PriorStage(config, clip, [text.encode_batch(clip, host_batch(config, 2))])
   if config.stage == "decoder":
-    from unclip_jax.stages import decoder
     return decoder.DecoderStage(config, clip, host_batch(config, 1))
   if config.stage in ("sr1", "sr2"):
-    from unclip_jax.stages import upsampler
     return upsampler.UpsamplerStage(config, host_batch(config, 1))
   raise ValueError(f"the AOT tool compiles the prior, decoder, sr1 and sr2 stages, not {config.stage!r}.")
 
@@ -173,8 +172,6 @@ def _count(params) -> int:
 def sampler_fn(config, stage):
   """(fn(params, inputs, rng), input keys, rows per example): the stage's sampling loop as sample.py
   runs it (the stage's sampler_from_export), with the config's sampling settings (stage.sampling)."""
-  from unclip_jax.stages import decoder, prior, text, upsampler
-
   if config.stage == "prior":
     n = config.get("num_candidates", 2)
     # At the training compute dtype, as the U-Nets' export records carry theirs.

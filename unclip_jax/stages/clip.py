@@ -19,6 +19,9 @@ from unclip_jax import paths
 from unclip_jax.data import shapes as shapes_data
 from unclip_jax.models import clip as clip_lib
 
+# transformers is imported by the functions that build or run the CLIP, not here: stages/build.py
+# imports every stage, and transformers' Flax CLIP takes seconds to import (see models/clip.py).
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
