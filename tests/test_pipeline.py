@@ -80,6 +80,50 @@ def test_dpm_solver_reaches_every_stage(pipe):
   np.testing.assert_allclose(chain("dpmpp_2m", 2), chain("ddim", 2), atol=1e-4, rtol=0)
 
 
+def test_spacing_option_reaches_every_stage(pipe, monkeypatch):
+  """StageOptions.spacing builds each stage's chain (the prior's inside its jit, the others' in
+  their sampler_from_export); an unknown spacing is refused with the options."""
+  made = []
+  make_schedule = schedules.make_schedule
+
+  def spy(name="cosine", num_timesteps=1000, num_steps=None, spacing="linspace", **kwargs):
+    made.append((num_steps, spacing))
+    return make_schedule(name, num_timesteps, num_steps, spacing, **kwargs)
+
+  monkeypatch.setattr(schedules, "make_schedule", spy)
+  options = {s: dict(num_steps=4, sampler="dpmpp_2m", spacing="logsnr") for s in FAST}
+  images = pipe.text_to_image(["a red circle"], [4], options, as_float=True)
+  assert made.count((4, "logsnr")) == len(FAST) and np.all(np.isfinite(images))
+  with pytest.raises(ValueError, match="Bad sampling options"):
+    pipe.options_for("text", {"decoder": {"spacing": "karras"}})
+
+
+def test_text_to_image_is_prior_then_decode(pipe):
+  """The prior as a public step: its z_i decoded with the same captions and seeds are text_to_image's images."""
+  prompts, seeds = ["a red circle above a blue square", "a green triangle"], [1, 2]
+  z_i = pipe.prior(prompts, seeds, FAST)
+  assert z_i.shape == (2, pipe.clip.embed_dim) and z_i.dtype == np.float32
+  images = pipe.decode(z_i, prompts, seeds, FAST)
+  np.testing.assert_array_equal(images, pipe.text_to_image(prompts, seeds, FAST, as_float=True))
+  with pytest.raises(ValueError, match="2 prompts for 1 seeds"):
+    pipe.prior(prompts, [1])
+
+
+def test_caption_interpolation_end_frames_are_each_captions_own_image(pipe):
+  """interpolate_captions: the ends are each caption's z_i (pipe.prior, same seed) decoded alone."""
+  captions = ("a red circle", "a green square")
+  frames = pipeline.interpolate_captions(pipe, *captions, 3, seed=5, options=FAST, up_to="decoder", as_float=True)
+  assert frames.shape == (3, 16, 16, 3)
+  options = pipe.options_for("interpolate", FAST)
+  own = np.concatenate([pipe.decode(pipe.prior([c], [5], options), "", [5], options, up_to="decoder")
+                        for c in captions])
+  np.testing.assert_allclose(frames[[0, -1]], own, atol=DECODER_ATOL, rtol=0)
+  # The middle frame is another image: ~1e-4 from either end (the random decoder depends on z_i only weakly).
+  assert min(np.abs(frames[1] - own[0]).max(), np.abs(frames[1] - own[1]).max()) > 3 * DECODER_ATOL
+  with pytest.raises(pipeline.InputError, match="num_frames"):
+    pipeline.interpolate_captions(pipe, *captions, 1)
+
+
 # Float tolerances of "the same image in another batch / on other devices". XLA
 # compiles a batch of 4 (or a shard) with other loop blockings than a batch of 1,
 # so sums are taken in another order: a few 1e-6 at the decoder's output. The
@@ -87,6 +131,26 @@ def test_dpm_solver_reaches_every_stage(pipe):
 # step divides the prediction by sqrt(abar) of the last training timestep), so
 # the whole chain is compared at 1e-3 (measured: 3e-4), the decoder's images at 1e-5.
 DECODER_ATOL, CHAIN_ATOL = 1e-5, 1e-3
+
+
+def test_progress_bars_drawn_between_steps_leave_the_images_unchanged(pipe, capsys):
+  """With progress on (sample.py's way: on all devices), each stage's loop runs a step per call under
+  its bar (no host callback in it, so JAX's persistent cache can store it: tests/test_compile_cache.py),
+  after one "compiling STAGE..." line, in two programs (its start and a step); the images are
+  those of the one-call loops."""
+  shown = pipeline.Pipeline(pipe.clip, pipe.params, pipe.exports, mesh=parallel.sampling_mesh(), progress=True)
+  prompts, seeds = ["a red circle above a blue square", "a green triangle"], [1, 2]
+  images = shown.text_to_image(prompts, seeds, FAST, as_float=True)
+  err = capsys.readouterr().err
+  for stage in FAST:
+    steps = FAST[stage].num_steps
+    assert err.count(f"compiling {stage}...") == 1 and f"{stage}: 100%" in err and f"{steps}/{steps}" in err
+  # Two programs per stage: the start's outputs placed as a step's (batch-split), or a step compiles twice.
+  assert [jitted._cache_size() for jitted in shown._compiled.values()] == [2] * len(FAST)
+  np.testing.assert_allclose(images, pipe.text_to_image(prompts, seeds, FAST, as_float=True), atol=CHAIN_ATOL,
+                             rtol=0)
+  shown.text_to_image(prompts, seeds, FAST)
+  assert "compiling" not in capsys.readouterr().err  # compiled once per stage, options and batch
 
 
 def test_batch_equals_single_runs(pipe):
@@ -393,6 +457,6 @@ def test_sample_py_interpolate_writes_frames_with_json(pipe, tmp_path, monkeypat
     assert meta["seed"] == 5 and meta["prompt"] == "" and meta["image2"] == str(tmp_path / "b.png")
     assert meta["preset"] == "checkpoint" and "prior" not in meta["options"]
     assert meta["options"]["decoder"] == {"num_steps": 3, "sampler": "ddim", "eta": 0.0, "guidance_scale": 3.0,
-                                          "clip_range": 1.0, "dynamic_threshold": None}
+                                          "clip_range": 1.0, "dynamic_threshold": None, "spacing": "linspace"}
   grid, = out.glob("grid_*.png")
   assert np.asarray(Image.open(grid)).shape == (16 + 4, 3 * 18 + 2, 3)  # one row of frames

@@ -11,7 +11,7 @@ import torch
 from gaussian_oracle import exact_model_fn
 from unclip_oracle import FixedNoise, float64_unclip_scheduler
 
-from unclip_jax.diffusion import samplers, schedules
+from unclip_jax.diffusion import progress, samplers, schedules
 
 M = jnp.array([0.6, -0.5, 0.8])
 S = jnp.array([0.3, 0.5, 0.1])
@@ -269,12 +269,25 @@ def test_static_clip_and_dynamic_threshold():
   np.testing.assert_allclose(got[0], np.clip(np.asarray(x0[0]), -1, 1), rtol=1e-6)
 
 
-def test_progress_bar_reaches_the_end(capsys):
+@pytest.mark.parametrize("chain", ["ddpm", "dpmpp_3m", "invert"])
+def test_chain_in_parts_equals_the_one_loop(chain, capsys):
+  """progress.run_chain runs a loop one step per call (samplers.Part), drawing the bar between calls:
+  the one loop's result (DDPM's per-step noise and DPM-Solver's history carried between calls), with
+  two more programs in all (the start and the step), whatever the number of steps. The model reads a
+  committed argument, as the pipeline's do (the prior's z_i): only a step's outputs are committed
+  then, and the start's state is committed before the first step (progress.commit)."""
   schedule = schedules.make_schedule("cosine", 1000, num_steps=12)
-  run = jax.jit(lambda key: samplers.sample(lambda x, t: x * 0, schedule, key, shape=(2, 3),
-                                            progress_desc="denoise"))
-  jax.block_until_ready(run(jax.random.key(0)))
-  jax.effects_barrier()
+  model_fn = lambda m: exact_model_fn(FULL_ACP, m, S, "eps")
+  if chain == "invert":
+    run = jax.jit(lambda x, m, part=None: samplers.ddim_invert(model_fn(m), schedule, x, part=part))
+  else:
+    run = jax.jit(lambda x, m, part=None: samplers.sample(model_fn(m), schedule, jax.random.key(1), x, sampler=chain,
+                                                          finish=lambda x: 2 * x, part=part))
+  x, m = jax.random.normal(jax.random.key(0), (4, 3)), jax.device_put(M, jax.devices()[0])
+  whole = run(x, m)
+  parts = progress.run_chain(lambda part: run(x, m, part=part), 12, "denoise")
+  np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-6)
+  assert run._cache_size() == 3
   err = capsys.readouterr().err
   assert "denoise" in err and "12/12" in err
 

@@ -16,7 +16,7 @@ The per-step order follows diffusers' DPMSolverMultistepScheduler defaults
 (lower_order_final, final sigma zero): first order at the first step and the
 last, and for fewer than 15 steps at most second order at the last but one.
 
-A chain that starts at t = 0 (this repository's linspace and stride respacing)
+A chain that starts at t = 0 (this repository's linspace, stride and logsnr respacing)
 reads the model once more at t = 0, where sigma is ~0.006 (cosine): there the
 solver proper ends at t = 0 and its last step, the one into t = 0, is the
 first-order final step (diffusers' final_sigmas_type="sigma_min" with

@@ -4,19 +4,48 @@ A model function is `model_fn(x, t) -> output` with x [B, ..., C], t [B] int32
 training timesteps, and output [B, ..., C] (or [B, ..., 2C] with a learned
 variance, the variance channels last). Samplers are plain functions meant to be
 called under one `jax.jit`: the step loop is a `lax.scan`, so a whole chain
-compiles once and runs without returning to Python.
+compiles once and runs without returning to Python. Given a `Part`, they run
+some of the chain's steps instead, so that the host can draw progress between
+calls (progress.run_chain).
 """
 
 from collections.abc import Callable
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.diffusion import dpm_solver, gaussian, progress
+from unclip_jax.diffusion import dpm_solver, gaussian
 from unclip_jax.diffusion.schedules import Schedule
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 SAMPLERS = ("ddpm", "ddim") + tuple(dpm_solver.ORDERS)  # dpmpp_2m, dpmpp_3m
+
+
+@flax.struct.dataclass
+class Part:
+  """`count` steps of a chain from scan step `first`, continuing the loop state a previous part
+  returned (state None: the chain's start).
+
+  Why: a host callback inside a compiled loop (a progress bar's) keeps JAX's persistent
+  compilation cache from storing the program, so every process compiled the loop again. Run in
+  parts, the loop needs none: the host draws the bar between calls (progress.run_chain), and
+  two programs serve every call, the start (count 0) and a step (count 1, `first` traced).
+  """
+  state: Any = None  # the scan carry: (x, DPM-Solver history) for sample, x for ddim_invert
+  first: Any = 0  # int32 scalar
+  count: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def run_steps(body, start: Callable, num_steps: int, finish: Callable, part: Part | None):
+  """The chain's lax.scan of body(state, k) over its steps k = 0 .. K - 1 from start(), then
+  finish(state); given a part, over the part's steps only, returning (state, finish(state))."""
+  state = start() if part is None or part.state is None else part.state
+  steps = jnp.arange(num_steps) if part is None else part.first + jnp.arange(part.count)
+  if steps.shape[0]:  # the start (count 0) traces no model
+    state, _ = jax.lax.scan(body, state, steps)
+  return finish(state) if part is None else (state, finish(state))
 
 
 def clip_x0(x0, clip_range: float | None = None, dynamic_threshold: float | None = None):
@@ -88,8 +117,9 @@ def ddim_step(schedule: Schedule, i, x_t, model_output, noise, *, eta: float = 0
 def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, sampler: str = "ddpm",
            eta: float = 0.0, prediction_type: str = "eps", variance_type: str = "fixed_small",
            clip_range: float | None = None, dynamic_threshold: float | None = None,
-           step_noise=None, progress_desc: str | None = None):
-  """Runs the reverse chain from x_T (or fresh noise of `shape`) to x_0.
+           step_noise=None, finish: Callable | None = None, part: Part | None = None):
+  """Runs the reverse chain from x_T (or fresh noise of `shape`) to x_0; returns finish(x_0)
+  (default x_0), or with a `part` (state, finish(x)) after the part's steps.
 
   Per-step noise is drawn from fold_in(rng, step), so it does not depend on how
   many steps ran before. `rng` is one key for the batch, or one key per sample
@@ -105,10 +135,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
   if sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampler {sampler!r}; expected one of {SAMPLERS}.")
   _, step_rng = _split(rng)
-  if x_T is None:
-    if shape is None:
-      raise ValueError("Pass x_T or shape.")
-    x_T = initial_noise(rng, shape)
+  if x_T is None and shape is None:
+    raise ValueError("Pass x_T or shape.")
   num_steps = schedule.num_steps
   deterministic = sampler == "ddim" and isinstance(eta, (int, float)) and eta == 0
   kwargs = dict(prediction_type=prediction_type, variance_type=variance_type,
@@ -116,10 +144,13 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
   order = dpm_solver.ORDERS.get(sampler)
   if order is not None:
     coefficients = dpm_solver.multistep_coefficients(schedule, order)  # [K] each
+
+  def start():
+    x = initial_noise(rng, shape) if x_T is None else x_T
+    if order is None:
+      return x, ()
     # Earlier x_0 estimates ride in the carry, in the schedule's precision at least.
-    history = dpm_solver.init_history(x_T, order, jnp.result_type(x_T.dtype, schedule.alphas_cumprod.dtype))
-  else:
-    history = ()
+    return x, dpm_solver.init_history(x, order, jnp.result_type(x.dtype, schedule.alphas_cumprod.dtype))
 
   def body(carry, k):
     x, history = carry
@@ -140,11 +171,10 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
         x, _ = ddpm_step(schedule, i, x, out, noise, **kwargs)
       else:
         x, _ = ddim_step(schedule, i, x, out, noise, eta=eta, **kwargs)
-    progress.report_step(k, num_steps, progress_desc)
     return (x, history), None
 
-  (x, _), _ = jax.lax.scan(body, (x_T, history), jnp.arange(num_steps))
-  return x
+  finish = finish or (lambda x: x)
+  return run_steps(body, start, num_steps, lambda state: finish(state[0]), part)
 
 
 def initial_noise(rng, shape, dtype=jnp.float32):
@@ -181,9 +211,9 @@ def normal(rng, shape, dtype=jnp.float32):
 
 def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: str = "eps",
                 variance_type: str = "fixed_small", clip_range: float | None = None,
-                dynamic_threshold: float | None = None, fixed_point_iters: int = 0,
-                progress_desc: str | None = None):
-  """Deterministic DDIM encoding x_0 -> x_T (the state at the chain's last step).
+                dynamic_threshold: float | None = None, fixed_point_iters: int = 0, part: Part | None = None):
+  """Deterministic DDIM encoding x_0 -> x_T (the state at the chain's last step); with a `part`,
+  (x, x) after the part's steps (as `sample`).
 
   Plain inversion (fixed_point_iters=0) reads the model at the previous, less
   noisy state, so a DDIM decode only approximately retraces it. Each fixed-point
@@ -247,11 +277,9 @@ def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, prediction_type: s
       x0_pred, eps = predict(x_next)
       carry = (x0_pred, eps, x_next, residual(x0_pred, eps))
       x_next = jax.lax.fori_loop(0, fixed_point_iters, refine, carry)[2]
-    progress.report_step(k, num_steps, progress_desc)
     return x_next, None
 
-  x, _ = jax.lax.scan(step, x0, jnp.arange(num_steps))
-  return x
+  return run_steps(step, lambda: x0, num_steps, lambda x: x, part)
 
 
 def classifier_free_guidance(model_fn: Callable, cond, uncond, scale, *, guided_channels: int | None = None

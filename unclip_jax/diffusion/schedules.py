@@ -42,12 +42,18 @@ def make_betas(name: str, num_timesteps: int) -> np.ndarray:
   raise ValueError(f"Unknown noise schedule {name!r}; expected 'cosine' or 'linear'.")
 
 
-def respaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+SPACINGS = ("linspace", "stride", "logsnr")
+
+
+def respaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace",
+                       alphas_cumprod=None) -> np.ndarray:
   """The K training timesteps a K-step sampler visits, ascending.
 
   "linspace": round(i * (T - 1) / (K - 1)), the first and last step included; this
     is improved DDPM's single-section spacing and diffusers' UnCLIPScheduler's.
   "stride": 0, T // K, 2 T // K, ... (DDIM's "ddimK" spacing).
+  "logsnr": uniform in half log-SNR between the schedule's ends (`logsnr_timesteps`;
+    needs the schedule's alphas_cumprod [T]).
   """
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
@@ -58,7 +64,43 @@ def respaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linsp
     return np.round(np.arange(num_steps) * ratio).astype(np.int64)
   if spacing == "stride":
     return np.arange(0, num_timesteps, num_timesteps // num_steps)[:num_steps].astype(np.int64)
-  raise ValueError(f"Unknown spacing {spacing!r}; expected 'linspace' or 'stride'.")
+  if spacing == "logsnr":
+    if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
+      raise ValueError(f"logsnr spacing needs the schedule's {num_timesteps} alphas_cumprod.")
+    return logsnr_timesteps(alphas_cumprod, num_steps)
+  raise ValueError(f"Unknown spacing {spacing!r}; expected one of {SPACINGS}.")
+
+
+def half_log_snr(alphas_cumprod) -> np.ndarray:
+  """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2 (float64), the time of DPM-Solver's ODE."""
+  acp = np.asarray(alphas_cumprod, np.float64)
+  return 0.5 * (np.log(acp) - np.log1p(-acp))
+
+
+def logsnr_timesteps(alphas_cumprod, num_steps: int) -> np.ndarray:
+  """K ascending timesteps whose lambdas are uniform from lambda(0) to lambda(T - 1), each the
+  training timestep nearest its target in lambda.
+
+  Why: DPM-Solver's error per step grows with the step's size in lambda, its
+  ODE's time; equal steps there (DPM-Solver's skip_type="logSNR", diffusers'
+  use_lu_lambdas) spend few-step budgets where x_0's estimate changes, near
+  t = 0, rather than in equal steps of t. Nearest in lambda is diffusers'
+  rounding of its interpolated timestep (linear in log sigma between training
+  steps); its cosine schedule instead truncates, as its solver uses the exact
+  lambdas and only the network reads the truncated t, while this chain's every
+  constant is the integer timestep's own. Where several targets round to one
+  timestep (a steep end of the schedule, or many steps) they take consecutive
+  timesteps instead, the first staying 0 and the last T - 1.
+  """
+  lam = half_log_snr(alphas_cumprod)  # [T], decreasing in t
+  num_timesteps = len(lam)
+  if num_steps == 1:
+    return np.array([num_timesteps - 1])
+  target = np.linspace(lam[0], lam[-1], num_steps)  # [K]
+  t = np.abs(lam[None, :] - target[:, None]).argmin(axis=1)  # [K]
+  k = np.arange(num_steps)
+  t = np.minimum(t, num_timesteps - num_steps + k)  # leaves room above for the steps still to come
+  return (np.maximum.accumulate(t - k) + k).astype(np.int64)  # strictly increasing
 
 
 @flax.struct.dataclass
@@ -120,15 +162,16 @@ def schedule_from_alphas_cumprod(alphas_cumprod, timesteps, num_train_timesteps,
       **{k: jnp.asarray(v, dtype=dtype) for k, v in constants.items()})
 
 
-def chain_timesteps(num_timesteps: int, num_steps: int | None = None, spacing: str = "linspace"):
+def chain_timesteps(num_timesteps: int, num_steps: int | None = None, spacing: str = "linspace",
+                    alphas_cumprod=None):
   if num_steps is None or num_steps == num_timesteps:
     return np.arange(num_timesteps)
-  return respaced_timesteps(num_timesteps, num_steps, spacing)
+  return respaced_timesteps(num_timesteps, num_steps, spacing, alphas_cumprod)
 
 
 def make_schedule(name: str = "cosine", num_timesteps: int = 1000, num_steps: int | None = None,
                   spacing: str = "linspace", dtype=jnp.float32) -> Schedule:
   """The training chain (num_steps None) or a respaced sampling chain."""
   alphas_cumprod = np.cumprod(1.0 - make_betas(name, num_timesteps))
-  timesteps = chain_timesteps(num_timesteps, num_steps, spacing)
+  timesteps = chain_timesteps(num_timesteps, num_steps, spacing, alphas_cumprod)
   return schedule_from_alphas_cumprod(alphas_cumprod, timesteps, num_timesteps, dtype)

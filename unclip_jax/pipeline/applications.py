@@ -1,5 +1,6 @@
 """The paper's applications (section 3), as functions of a Pipeline: they work on
-images through CLIP's image embeddings z_i and the decoder, without a caption.
+images through CLIP's image embeddings z_i and the decoder, without a caption
+(interpolate_captions: on the z_i the prior makes of two captions).
 
 Each takes `options` ({stage: StageOptions or dict of its fields}, over the
 pipeline's default_options; the decoder as Pipeline.options_for(mode) says) and
@@ -57,15 +58,37 @@ def interpolate(pipe: Pipeline, image_a, image_b, num_frames: int, seed: int = 0
             for name, x in (("image_a", image_a), ("image_b", image_b))]
   options = pipe.options_for("interpolate", options)
   z_a, z_b = (pipe.image_embeddings(x)[0] for x in images)
-  thetas = np.linspace(0.0, 1.0, num_frames)
-  if noise == "fixed":
-    x_T = np.repeat(pipe.initial_noise([seed]), num_frames, axis=0)
-  else:
+  x_T = None
+  if noise == "slerp":
     x_a, x_b = (pipe.invert(x, z[None], options=options, fixed_point_iters=fixed_point_iters)[0]
                 for x, z in zip(images, (z_a, z_b)))
-    x_T = slerp(x_a, x_b, thetas)
-  out = pipe.decode(slerp(z_a, z_b, thetas), "", [seed] * num_frames, options, x_T=x_T, up_to=up_to)
-  return output(out, num_frames, as_float)
+    x_T = slerp(x_a, x_b, np.linspace(0.0, 1.0, num_frames))
+  return _slerp_frames(pipe, z_a, z_b, num_frames, seed, options, x_T, up_to, as_float)
+
+
+def interpolate_captions(pipe: Pipeline, prompt_a: str, prompt_b: str, num_frames: int, seed: int = 0,
+                         options: dict | None = None, num_candidates: int = 2, up_to: str | None = None,
+                         as_float: bool = False) -> np.ndarray:
+  """num_frames images [F, R, R, 3] between two captions, frame k at theta = linspace(0, 1, F)[k]:
+  the prior's z_i of each caption (pipe.prior, both with `seed`), slerped as in `interpolate` and
+  decoded without a caption by DDIM eta = 0, every frame from the x_T of `seed`. The end frames
+  are each caption's own image: decode(prior([prompt], [seed]), "", [seed]) under the same options.
+  """
+  if num_frames < 2:
+    raise InputError(f"num_frames must be at least 2 (the two end frames), got {num_frames}.")
+  options = pipe.options_for("interpolate", options)
+  z_a, z_b = pipe.prior([prompt_a, prompt_b], [seed, seed], options, num_candidates=num_candidates)
+  return _slerp_frames(pipe, z_a, z_b, num_frames, seed, options, None, up_to, as_float)
+
+
+def _slerp_frames(pipe: Pipeline, z_a, z_b, num_frames: int, seed: int, options: dict, x_T, up_to: str | None,
+                  as_float: bool) -> np.ndarray:
+  """Frames decoding slerp(z_a, z_b, theta) [D] without a caption, theta = linspace(0, 1, F), from
+  x_T [F, r, r, 3] (None: the x_T of `seed` for every frame); `seed` also draws the upsamplers' noise."""
+  if x_T is None:
+    x_T = np.repeat(pipe.initial_noise([seed]), num_frames, axis=0)
+  z = slerp(z_a, z_b, np.linspace(0.0, 1.0, num_frames))
+  return output(pipe.decode(z, "", [seed] * num_frames, options, x_T=x_T, up_to=up_to), num_frames, as_float)
 
 
 def text_diff(pipe: Pipeline, image, source_prompt: str, target_prompt: str, thetas: Sequence[float],

@@ -4,7 +4,10 @@ decoder -> upsamplers, and the building blocks of the image applications
 inversion.
 
 Every stage's sampler is one compiled loop, built from the stage's export by
-the stage itself (its sampler_from_export). Each image has its own seed, from
+the stage itself (its sampler_from_export). With progress on, the same loop
+runs one step per call, a bar drawn between calls (diffusion/progress.py), so
+that it has no host callback and JAX's persistent cache can serve it; a
+"compiling STAGE..." line marks each compile. Each image has its own seed, from
 which all its noise (x_T and every step, in every stage) is drawn, so an
 image does not depend on the batch it is drawn in or on the number of devices.
 """
@@ -19,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax import imaging
-from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion import progress, samplers
 from unclip_jax.pipeline import loading
 from unclip_jax.pipeline import options as options_lib
 from unclip_jax.pipeline.options import STAGES, StageOptions
@@ -66,7 +69,8 @@ def _pad(x, total: int):
 class Pipeline:
   """A loaded unCLIP stack; see `load`.
 
-  Text to image: `text_to_image` (prior, then `decode`). The paper's
+  Text to image: `text_to_image`, which is `prior` (captions to CLIP image
+  embeddings z_i) then `decode` (z_i to images), each public. The paper's
   applications (pipeline.variations, interpolate, text_diff) work on images
   through CLIP's image embeddings z_i (`image_embeddings`) and the decoder
   (`decode`, `invert`: DDIM inversion). Images come in as uint8 [H, W, 3]
@@ -118,29 +122,41 @@ class Pipeline:
 
   # -- one compiled loop per stage, built by the stage from its export ---------------------------
 
-  def _jit(self, key: tuple, build):
+  def _loop(self, name: str, key: tuple, num_steps: int, build):
+    """The stage's jitted chain (cached under key) as a function of its arguments: one call of the
+    whole loop, or with progress a step per call under a bar named `name`."""
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(build())
-    return self._compiled[key]
+      fn, announce = build(), self.progress
 
-  def _desc(self, name: str) -> str | None:
-    return name if self.progress else None
+      def chain(*args, part=None, **kwargs):
+        if announce:
+          progress.announce_compile(name, part)  # runs as JAX traces: before each compile
+        return fn(*args, part=part, **kwargs)
+
+      self._compiled[key] = jax.jit(chain)
+    jitted = self._compiled[key]
+    if not self.progress:
+      return jitted
+    place = progress.commit if self.mesh is None else self._shard
+    return lambda *args, **kwargs: progress.run_chain(lambda part: jitted(*args, part=part, **kwargs), num_steps,
+                                                      name, place=place)
 
   def _prior_fn(self, options: StageOptions, num_candidates: int):
-    return self._jit(("prior", options, num_candidates), lambda: prior.sampler_from_export(
-        self.exports["prior"], options, num_candidates=num_candidates, progress_desc=self._desc("prior")))
+    return self._loop("prior", ("prior", options, num_candidates), options.num_steps,
+                      lambda: prior.sampler_from_export(self.exports["prior"], options, num_candidates=num_candidates))
 
   def _decoder_fn(self, options: StageOptions):
-    return self._jit(("decoder", options), lambda: decoder.sampler_from_export(
-        self.exports["decoder"], options, progress_desc=self._desc("decoder")))
+    return self._loop("decoder", ("decoder", options), options.num_steps,
+                      lambda: decoder.sampler_from_export(self.exports["decoder"], options))
 
   def _invert_fn(self, options: StageOptions, fixed_point_iters: int):
-    return self._jit(("invert", options, fixed_point_iters), lambda: decoder.inverter_from_export(
-        self.exports["decoder"], options, fixed_point_iters=fixed_point_iters, progress_desc=self._desc("inversion")))
+    return self._loop("inversion", ("invert", options, fixed_point_iters), options.num_steps,
+                      lambda: decoder.inverter_from_export(self.exports["decoder"], options,
+                                                           fixed_point_iters=fixed_point_iters))
 
   def _upsampler_fn(self, stage: str, options: StageOptions):
-    return self._jit((stage, options), lambda: upsampler.sampler_from_export(
-        self.exports[stage], options, progress_desc=self._desc(stage)))
+    return self._loop(stage, (stage, options), options.num_steps,
+                      lambda: upsampler.sampler_from_export(self.exports[stage], options))
 
   # -- batches over devices -----------------------------------------------------------------------
 
@@ -155,7 +171,7 @@ class Pipeline:
     devices = 1 if self.mesh is None else self.mesh.devices.size
     return -(-n // devices) * devices
 
-  # -- text -> image ------------------------------------------------------------------------------
+  # -- text -> z_i -> image -----------------------------------------------------------------------
 
   def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int], options: dict | None = None,
                     num_candidates: int = 2, up_to: str | None = None, as_float: bool = False) -> np.ndarray:
@@ -163,24 +179,37 @@ class Pipeline:
 
     options: stage -> StageOptions (or a dict of its fields), over
     default_options. up_to stops after that stage (e.g. "decoder" for the 64 px
-    images).
+    images). The same images as decode(prior(prompts, seeds), prompts, seeds).
     """
+    options, encoding, seeds, n = self._text_batch(prompts, seeds, options)
+    z_i = self._prior(encoding, seeds, options["prior"], num_candidates)
+    return output(self._decode(z_i, encoding, seeds, options, None, up_to), n, as_float)
+
+  def prior(self, prompts: Sequence[str], seeds: Sequence[int], options: dict | None = None,
+            num_candidates: int = 2) -> np.ndarray:
+    """CLIP image embeddings z_i [N, D] (float32) that the prior samples for prompts[i], its noise
+    drawn from seeds[i]: the best of num_candidates draws by z_t . z_i. text_to_image's first half,
+    for editing or mixing z_i before `decode` (e.g. applications.interpolate_captions)."""
+    options, encoding, seeds, n = self._text_batch(prompts, seeds, options)
+    return np.asarray(self._prior(encoding, seeds, options["prior"], num_candidates))[:n]
+
+  def _text_batch(self, prompts: Sequence[str], seeds: Sequence[int], options: dict | None):
+    """(options, CLIP's encoding, seeds, N) of a text batch, padded to the devices."""
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds.")
     if "prior" not in self.exports:
       raise loading.CheckpointError("This checkpoint has no prior: it makes images from images (variations, "
                                     "interpolate, textdiff), not from text.")
-    options = self.options_for("text", options)
-    n = len(prompts)
-    total = self._padded(n)
-    prompts, seeds = _pad(list(prompts), total), _pad(list(seeds), total)
-    encoding = self.clip.encode_text(prompts)
+    total = self._padded(len(prompts))
+    encoding = self.clip.encode_text(_pad(list(prompts), total))
+    return self.options_for("text", options), encoding, _pad(list(seeds), total), len(prompts)
+
+  def _prior(self, encoding, seeds, options: StageOptions, num_candidates: int):
+    """prior on a batch already padded to the devices: z_i [N, D] on the devices."""
     keys = stage_keys(seeds, "prior")
     rows = jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.arange(num_candidates)))(keys)
-    z_i = self._prior_fn(options["prior"], num_candidates)(
+    return self._prior_fn(options, num_candidates)(
         self.params["prior"], self._shard(text.conditioning(encoding)), self.uncond, self._shard(rows.reshape(-1)))
-    images = self._decode(z_i, encoding, seeds, options, None, up_to)
-    return output(images, n, as_float)
 
   # -- the decoder half: z_i (+ caption) -> image -------------------------------------------------
 

@@ -3,7 +3,7 @@ presets, and what each mode of the pipeline samples with."""
 
 import dataclasses
 
-from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion import samplers, schedules
 from unclip_jax.stages import DIFFUSION_STAGES as STAGES
 from unclip_jax.stages.contract import StageOptions
 
@@ -33,7 +33,7 @@ def stage_options(stage: str, fields, base: StageOptions | None = None) -> Stage
   if unknown:
     raise ValueError(f"Unknown sampling option(s) {unknown} for {stage!r}; StageOptions has {sorted(known)}.")
   options = dataclasses.replace(base or PRESETS["karlo"][stage], **fields)
-  if options.sampler not in samplers.SAMPLERS or options.num_steps < 1:
+  if options.sampler not in samplers.SAMPLERS or options.spacing not in schedules.SPACINGS or options.num_steps < 1:
     raise ValueError(f"Bad sampling options for {stage!r}: {options}.")
   return options
 

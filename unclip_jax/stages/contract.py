@@ -26,6 +26,7 @@ class StageOptions:
   guidance_scale: float = 1.0  # prior and decoder; 1 = no guidance
   clip_range: float | None = 1.0  # static x_0 clamp (prior: in its normalised space)
   dynamic_threshold: float | None = None  # Imagen's quantile p (images only)
+  spacing: str = "linspace"  # the respaced timesteps: linspace | stride | logsnr (diffusion/schedules.SPACINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +53,9 @@ class Diffusion:
       raise ValueError(f"Unknown diffusion config keys {unknown}.")
     return cls(**fields)
 
-  def make_schedule(self, num_steps: int | None = None) -> schedules.Schedule:
+  def make_schedule(self, num_steps: int | None = None, spacing: str = "linspace") -> schedules.Schedule:
     """The training schedule, or its respacing to num_steps for sampling."""
-    return schedules.make_schedule(self.schedule, self.num_timesteps, num_steps)
+    return schedules.make_schedule(self.schedule, self.num_timesteps, num_steps, spacing)
 
 
 def _check_unet(model: unet_config.UNetConfig, diffusion: Diffusion):

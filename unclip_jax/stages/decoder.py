@@ -97,21 +97,22 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, cond: dict
 
   cond, uncond: as for guided_model_fn. x_T [B, size, size, 3]: the starting
   noise (default: drawn from rng, as samplers.initial_noise(rng, shape) does).
-  variance_type: default from the U-Net's output channels.
+  variance_type: default from the U-Net's output channels. sampler_kwargs go to
+  samplers.sample (a `part`: run some steps, for progress between them).
   """
   b = cond["z_i"].shape[0]
   guided = guided_model_fn(params, cfg, cond, uncond, guidance_scale)
   shape = (b, size, size, cfg.in_channels)
   if x_T is not None and tuple(x_T.shape) != shape:
     raise ValueError(f"x_T must be [B, size, size, C] = {shape}, got {tuple(x_T.shape)}.")
-  x = samplers.sample(guided, schedule, rng, x_T, shape=shape, sampler=sampler, prediction_type=prediction_type,
-                      variance_type=variance_type or denoising.variance_type(cfg), **sampler_kwargs)
-  return jnp.clip(x, -1.0, 1.0)
+  return samplers.sample(guided, schedule, rng, x_T, shape=shape, sampler=sampler, prediction_type=prediction_type,
+                         variance_type=variance_type or denoising.variance_type(cfg), finish=denoising.clip_images,
+                         **sampler_kwargs)
 
 
 def invert(params, cfg: unet_lib.UNetConfig, schedule: Schedule, images, cond: dict, uncond: dict, *,
            guidance_scale=8.0, clip_range=1.0, dynamic_threshold=None, fixed_point_iters: int = 0,
-           prediction_type: str = "eps", variance_type: str | None = None, progress_desc=None):
+           prediction_type: str = "eps", variance_type: str | None = None, part: samplers.Part | None = None):
   """DDIM inversion of images [B, H, W, 3] in [-1, 1] to the x_T from which a
   deterministic DDIM `sample` (same schedule, cond, guidance and clamp)
   decodes them again: the chain is inverted through the same guided model
@@ -120,39 +121,38 @@ def invert(params, cfg: unet_lib.UNetConfig, schedule: Schedule, images, cond: d
   guided = guided_model_fn(params, cfg, cond, uncond, guidance_scale)
   return samplers.ddim_invert(guided, schedule, jnp.asarray(images, jnp.float32), prediction_type=prediction_type,
                               variance_type=variance_type or denoising.variance_type(cfg), clip_range=clip_range,
-                              dynamic_threshold=dynamic_threshold, fixed_point_iters=fixed_point_iters,
-                              progress_desc=progress_desc)
+                              dynamic_threshold=dynamic_threshold, fixed_point_iters=fixed_point_iters, part=part)
 
 
-def sampler_from_export(export: contract.DecoderExport, options: contract.StageOptions, *,
-                        progress_desc: str | None = None):
-  """sample(params, rng, cond, uncond, guidance_scale, x_T=None) -> images [B, r, r, 3]: the exported
-  decoder sampled as `options` say (guidance_scale is an argument: a scalar or one per image). Jit it."""
+def sampler_from_export(export: contract.DecoderExport, options: contract.StageOptions):
+  """sample(params, rng, cond, uncond, guidance_scale, x_T=None, part=None) -> images [B, r, r, 3]: the
+  exported decoder sampled as `options` say (guidance_scale is an argument: a scalar or one per image).
+  Jit it."""
   d = export.diffusion
   return functools.partial(
-      sample, cfg=export.model, schedule=d.make_schedule(options.num_steps), size=export.resolution,
+      sample, cfg=export.model, schedule=d.make_schedule(options.num_steps, options.spacing), size=export.resolution,
       sampler=options.sampler, eta=options.eta, clip_range=options.clip_range,
-      dynamic_threshold=options.dynamic_threshold, prediction_type=d.prediction_type, variance_type=d.variance_type,
-      progress_desc=progress_desc)
+      dynamic_threshold=options.dynamic_threshold, prediction_type=d.prediction_type, variance_type=d.variance_type)
 
 
 def inverter_from_export(export: contract.DecoderExport, options: contract.StageOptions, *,
-                         fixed_point_iters: int = 0, progress_desc: str | None = None):
-  """invert(params, images, cond, uncond, guidance_scale) -> x_T: the inverse of sampler_from_export's
+                         fixed_point_iters: int = 0):
+  """invert(params, images, cond, uncond, guidance_scale, part=None) -> x_T: the inverse of sampler_from_export's
   loop when it runs DDIM with eta = 0 (options' steps and clamp). Jit it."""
   d = export.diffusion
   return functools.partial(
-      invert, cfg=export.model, schedule=d.make_schedule(options.num_steps), clip_range=options.clip_range,
-      dynamic_threshold=options.dynamic_threshold, fixed_point_iters=fixed_point_iters,
-      prediction_type=d.prediction_type, variance_type=d.variance_type, progress_desc=progress_desc)
+      invert, cfg=export.model, schedule=d.make_schedule(options.num_steps, options.spacing),
+      clip_range=options.clip_range, dynamic_threshold=options.dynamic_threshold, fixed_point_iters=fixed_point_iters,
+      prediction_type=d.prediction_type, variance_type=d.variance_type)
 
 
 def sampling_options(config) -> contract.StageOptions:
   """How a training config's sample grids (and the AOT tool's sampling loop) sample: its
-  sample_steps, sampler, guidance_scale and clip_range, or 25 DDPM steps at guidance 3."""
+  sample_steps, sampler, sample_spacing, guidance_scale and clip_range, or 25 DDPM steps at guidance 3."""
   return contract.StageOptions(config.get("sample_steps", 25), config.get("sampler", "ddpm"),
                                guidance_scale=config.get("guidance_scale", 3.0),
-                               clip_range=config.get("clip_range", 1.0))
+                               clip_range=config.get("clip_range", 1.0),
+                               spacing=config.get("sample_spacing", "linspace"))
 
 
 class DecoderStage:

@@ -13,6 +13,11 @@ def variance_type(cfg: unet_lib.UNetConfig) -> str:
   return "learned_range" if cfg.out_channels == 2 * cfg.in_channels else "fixed_small"
 
 
+def clip_images(x):
+  """A chain's last state as images: the samplers' x_0 clamps bound it to [-1, 1] but for rounding."""
+  return jnp.clip(x, -1.0, 1.0)
+
+
 def out_channels(in_channels: int, variance: str) -> int:
   """A learned variance doubles the output (mean and variance per channel)."""
   return 2 * in_channels if variance == "learned_range" else in_channels

@@ -97,7 +97,8 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *
 
   Unguided. params_last, if given, runs the chain's final step (Karlo's
   super_res_last); params runs all the others (super_res_first).
-  variance_type: default from the U-Net's output channels.
+  variance_type: default from the U-Net's output channels. sampler_kwargs go to
+  samplers.sample (a `part`: run some steps, for progress between them).
   """
   model = unet_lib.UNet(cfg)
   low_up = unet_lib.resize_low_res(jnp.asarray(low_res, jnp.float32), (size, size))
@@ -110,23 +111,20 @@ def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *
     return jax.lax.cond(t[0] == last_t, lambda: run(params_last), lambda: run(params))
 
   b = low_up.shape[0]
-  x = samplers.sample(model_fn, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
-                      prediction_type=prediction_type, variance_type=variance_type or denoising.variance_type(cfg),
-                      **sampler_kwargs)
-  return jnp.clip(x, -1.0, 1.0)
+  return samplers.sample(model_fn, schedule, rng, shape=(b, size, size, cfg.in_channels), sampler=sampler,
+                         prediction_type=prediction_type, variance_type=variance_type or denoising.variance_type(cfg),
+                         finish=denoising.clip_images, **sampler_kwargs)
 
 
-def sampler_from_export(export: contract.UpsamplerExport, options: contract.StageOptions, *,
-                        progress_desc: str | None = None):
-  """sample(params, rng, low_res) -> images [B, R, R, 3]: the exported upsampler sampled as `options`
+def sampler_from_export(export: contract.UpsamplerExport, options: contract.StageOptions):
+  """sample(params, rng, low_res, part=None) -> images [B, R, R, 3]: the exported upsampler sampled as `options`
   say (unguided: its guidance_scale is not used). Params of a params_last export are its
   {"first", "last"} pair. Jit it."""
   d = export.diffusion
   fn = functools.partial(
-      sample, cfg=export.model, schedule=d.make_schedule(options.num_steps), size=export.resolution,
+      sample, cfg=export.model, schedule=d.make_schedule(options.num_steps, options.spacing), size=export.resolution,
       sampler=options.sampler, eta=options.eta, clip_range=options.clip_range,
-      dynamic_threshold=options.dynamic_threshold, prediction_type=d.prediction_type, variance_type=d.variance_type,
-      progress_desc=progress_desc)
+      dynamic_threshold=options.dynamic_threshold, prediction_type=d.prediction_type, variance_type=d.variance_type)
   if not export.params_last:
     return fn
   return lambda params, **kwargs: fn(params["first"], params_last=params["last"], **kwargs)
@@ -134,9 +132,10 @@ def sampler_from_export(export: contract.UpsamplerExport, options: contract.Stag
 
 def sampling_options(config) -> contract.StageOptions:
   """How a training config's sample grids (and the AOT tool's sampling loop) sample: its
-  sample_steps, sampler and clip_range, or 25 DDIM steps."""
+  sample_steps, sampler, sample_spacing and clip_range, or 25 DDIM steps."""
   return contract.StageOptions(config.get("sample_steps", 25), config.get("sampler", "ddim"),
-                               clip_range=config.get("clip_range", 1.0))
+                               clip_range=config.get("clip_range", 1.0),
+                               spacing=config.get("sample_spacing", "linspace"))
 
 
 def add_low_res(example: dict, *, augmentation: str, low_res_resolution: int, seed: int) -> dict:
