@@ -1,6 +1,8 @@
 """Training checkpoints (orbax): atomic, async, resumable, sharded; and the
 inference export that sample.py reads."""
 
+import asyncio
+import contextlib
 import json
 import os
 import time
@@ -125,15 +127,104 @@ def export_inference(path, params, config: dict[str, Any]):
   (path / INFERENCE_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+class ExportError(ValueError):
+  """An inference export whose files are there but do not read (damaged, or not what the export writes)."""
+
+
+_REDO = "copy it again, or export it again"
+
+
+def one_line(error: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its pending tasks finish before it closes.
+
+  Orbax runs each restore on a fresh loop and closes it as soon as one read fails; TensorStore then
+  completes the reads still in flight from its own threads, and each posts its result to the closed
+  loop: one "RuntimeError: Event loop is closed" traceback per read (sys.unraisablehook), after the
+  real error."""
+
+  def close(self):
+    pending = asyncio.all_tasks(self)
+    if pending and not self.is_running() and not self.is_closed():
+      self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.AbstractEventLoopPolicy):
+  """The current policy (its loops per thread kept), except that new loops are _DrainingLoops."""
+
+  def __init__(self, base: asyncio.AbstractEventLoopPolicy):
+    self._base = base
+
+  def get_event_loop(self):
+    return self._base.get_event_loop()
+
+  def set_event_loop(self, loop):
+    self._base.set_event_loop(loop)
+
+  def new_event_loop(self):
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """New event loops (Orbax's) are _DrainingLoops inside the block."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy(previous))
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
+def read_json(path: epath.Path, what: str) -> dict[str, Any]:
+  """A JSON object file, or ExportError naming the file and what is wrong with it."""
+  try:
+    value = json.loads(path.read_text())
+  except UnicodeDecodeError as e:
+    problem = f"is not UTF-8 text (byte {e.start})"
+  except json.JSONDecodeError as e:
+    problem = f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+  else:
+    if isinstance(value, dict):
+      return value
+    problem = f"holds a JSON {type(value).__name__}, not an object"
+  raise ExportError(f"{os.fspath(path)!r} {problem}: the {what} is damaged; {_REDO}.")
+
+
+def _check_finite(params, params_path):
+  """Damaged array data that still decodes (flipped bytes in an uncompressed chunk) is mostly NaN or inf."""
+  for key, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      continue  # a multi-process restore into shardings: each process holds part of it
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
+      raise ExportError(f"{os.fspath(params_path)!r}: {jax.tree_util.keystr(key)} holds NaN or infinite values: "
+                        f"the export is damaged ({_REDO}), or its training diverged.")
+
+
 def load_inference(path, abstract_params=None) -> tuple[Any, dict[str, Any]]:
-  """(params, config) written by export_inference (a local folder or a URI); a clear error if it is not one."""
+  """(params, config) written by export_inference (a local folder or a URI).
+
+  FileNotFoundError if it is not an export; ExportError (one line, naming the file) if its files do not
+  read: bad JSON, array data that does not restore, NaN or infinite parameters."""
   path = paths.absolute(path)
   config_path = path / INFERENCE_CONFIG
   params_path = path / INFERENCE_PARAMS
   if not config_path.is_file() or not params_path.is_dir():
     raise FileNotFoundError(f"{os.fspath(path)!r} is not an inference checkpoint: expected {INFERENCE_CONFIG} "
                             f"and a {INFERENCE_PARAMS}/ folder (written by train.py's export).")
-  config = json.loads(config_path.read_text())
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(params_path, abstract_params)
+  config = read_json(config_path, "export")
+  try:
+    with _draining_event_loops(), ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_path, abstract_params)
+  except Exception as e:  # Orbax, TensorStore, JSON, zstd: whatever a damaged file makes them raise
+    raise ExportError(f"{os.fspath(params_path)!r} does not restore ({one_line(e)}): the export is damaged or "
+                      f"incomplete; {_REDO}.") from e
+  _check_finite(params, params_path)
   return params, config

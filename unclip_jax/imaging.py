@@ -19,16 +19,25 @@ class ImageError(ValueError):
   """An input that is not a usable image: an unreadable file, a wrong shape or dtype."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL image as RGB; transparency (an alpha channel, or a palette's or a colour's transparency)
+  is composited on white, the Shapes world's background, not dropped: PIL's plain convert("RGB")
+  keeps the colour under alpha 0, usually black."""
+  if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+  return image.convert("RGB")
+
+
 def load_image(path) -> np.ndarray:
-  """An image file (a local path or a URI: gs://, file://) -> uint8 [H, W, 3] RGB (PIL; grey,
-  palette and alpha images are converted)."""
+  """An image file (a local path or a URI: gs://, file://) -> uint8 [H, W, 3] RGB (PIL; grey and
+  palette images are converted, transparency is composited on white: to_rgb)."""
   try:
     source = path  # a file object passes through
     if isinstance(path, (str, os.PathLike)):  # PIL opens local files only: a remote one is read whole first
       source = io.BytesIO(paths.as_path(path).read_bytes()) if paths.is_remote(path) else paths.as_path(path)
     with Image.open(source) as image:
       image.load()  # PIL is lazy: force the decode so a truncated file fails here
-      return np.asarray(image.convert("RGB"), np.uint8)
+      return np.asarray(to_rgb(image), np.uint8)
   except FileNotFoundError:
     raise ImageError(f"image file {os.fspath(path)!r} does not exist.") from None
   except IsADirectoryError:
@@ -61,8 +70,8 @@ def check_images(images, name: str = "images") -> np.ndarray:
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-  """Shortest side to `size` (bicubic, antialiased), centre crop -> uint8 [size, size, 3]."""
-  image = image.convert("RGB")
+  """Shortest side to `size` (bicubic, antialiased), centre crop -> uint8 [size, size, 3] (to_rgb)."""
+  image = to_rgb(image)
   w, h = image.size
   scale = size / min(w, h)
   new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))

@@ -92,3 +92,22 @@ def local_copy(src):
     if as_path(src).is_dir():
       copy_tree(src, local)
     yield local
+
+
+def output_folder_problem(flag: str, value: str) -> str | None:
+  """Why the local folder `value` given as --flag cannot hold a program's outputs (it, or a folder above
+  it, is a file; the nearest existing folder is not writable), as one line; None if it can. Checked
+  before any model work, so a bad one never discards a finished run. A URI (gs://) is checked by its
+  first write."""
+  if is_remote(value):
+    return None
+  path = os.path.abspath(os.fspath(as_path(value)))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = "is a file" if existing == path else f"is inside {existing!r}, which is a file"
+    return f"--{flag} {value!r} {where}: name a folder (it is created if missing)."
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return f"--{flag} {value!r}: cannot write in {existing!r}; name a folder you can write to."
+  return None

@@ -8,10 +8,14 @@
 (`python sample.py ...` from a checkout is the same program.) With no --checkpoint
 the shipped Shapes demo model is used. Writes one PNG per
 image with a JSON file of the same name beside it (prompt, seed, mode, frame
-and theta where they apply, all settings), and one grid PNG per call.
+and theta where they apply, all settings), and one grid PNG per call. A file
+of other settings is never replaced: such a call's files get a short hash of
+its settings in their names (write_outputs).
 """
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import os
 import sys
@@ -74,10 +78,13 @@ def _prompts() -> list[str]:
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     try:
-      lines = paths.as_path(_PROMPTS_FILE.value).read_text().splitlines()
+      lines = paths.as_path(_PROMPTS_FILE.value).read_bytes().decode("utf-8-sig").splitlines()  # a BOM is no caption
       prompts += [line.strip() for line in lines if line.strip()]
     except OSError as e:
       _fail(f"cannot read --prompts_file: {e}")
+    except UnicodeDecodeError as e:
+      _fail(f"--prompts_file {_PROMPTS_FILE.value!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}): save it as UTF-8.")
   if _UNCONDITIONAL.value:
     if prompts:
       _fail("--unconditional samples without a caption; drop --prompt/--prompts_file.")
@@ -117,6 +124,19 @@ def _check_mode_flags(mode: str):
     _fail(f"--mode={mode} decodes with DDIM (eta 0) from a fixed or inverted x_T; drop --decoder_sampler.")
   if mode == "interpolate" and _NUM_FRAMES.value < 2:
     _fail("--num_frames must be at least 2 (the two end frames).")
+
+
+SEED_MAX = 2**32 - 1  # seeds are uint32 (pipeline.stage_keys)
+
+
+def _check_seeds(count: int):
+  """--seed .. --seed + count - 1, the call's seeds, must be uint32s."""
+  seed = _SEED.value
+  if seed < 0 or seed > SEED_MAX:
+    _fail(f"--seed must be in 0..{SEED_MAX} (2**32 - 1), got {seed}.")
+  if seed + count - 1 > SEED_MAX:
+    _fail(f"--seed {seed} with {count} images needs seeds up to {seed + count - 1}, past 2**32 - 1 = {SEED_MAX}: "
+          f"use a --seed of at most {SEED_MAX - count + 1}.")
 
 
 def _thetas() -> list[float]:
@@ -159,29 +179,57 @@ def slug(text: str, limit: int = 40) -> str:
 def write_outputs(out_dir: str, images: np.ndarray, jobs: Sequence[tuple[str, int]], options: dict,
                   settings: dict, extras: Sequence[dict] | None = None, names: Sequence[str] | None = None,
                   grid_columns: int | None = None) -> list[str]:
-  """One PNG per image with a same-named JSON, and one grid PNG.
+  """One PNG per image with a same-named JSON, and one grid PNG; never replaces an image of other settings.
 
   jobs[i] = (prompt, seed) of image i. Its JSON holds prompt, seed, every
   stage's options, `settings` and extras[i] (per-image fields, e.g. frame and
-  theta). names[i] is its file stem (default PROMPT_seedN). Returns the written
-  image paths, the grid last.
+  theta). names[i] is its file stem (default PROMPT_seedN). Where a stem is
+  taken by a file of other settings (its JSON differs, or a PNG has none), every
+  file of the call gets a suffix: _HASH, 8 hex digits of a hash of the call's
+  JSONs (_HASH_2, ... should that be taken too). A rerun with the same settings
+  writes the same names again (the same images). Returns the written image
+  paths, the grid last.
   """
   if extras is not None and len(extras) != len(images) or names is not None and len(names) != len(images):
     raise ValueError(f"{len(images)} images need as many extras and names.")
   out = paths.as_path(out_dir)  # a local folder or a URI (gs://, file://)
   out.mkdir(parents=True, exist_ok=True)
   stage_options = {s: dataclasses.asdict(o) for s, o in options.items()}
+  stems = list(names) if names else [f"{slug(prompt)}_seed{seed}" for prompt, seed in jobs]
+  records = [json.loads(json.dumps({"prompt": prompt, "seed": seed, **(extras[i] if extras else {}),
+                                    "options": stage_options, **settings}))  # as the JSON file reads back
+             for i, (prompt, seed) in enumerate(jobs)]
+  digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:8]
+  suffix = next(suffix for suffix in itertools.chain([""], _numbered(f"_{digest}"))
+                if all(_free_or_same(os.fspath(out / (stem + suffix)), record) for stem, record in zip(stems, records)))
   written = []
-  for i, (image, (prompt, seed)) in enumerate(zip(images, jobs)):
-    stem = os.fspath(out / (names[i] if names else f"{slug(prompt)}_seed{seed}"))
-    imaging.save_png(image, stem + ".png")
-    paths.as_path(stem + ".json").write_text(json.dumps(
-        {"prompt": prompt, "seed": seed, **(extras[i] if extras else {}), "options": stage_options, **settings},
-        indent=2))
-    written.append(stem + ".png")
-  grid_path = os.fspath(out / f"grid_{time.strftime('%Y%m%d-%H%M%S')}_seed{jobs[0][1]}.png")
+  for image, stem, record in zip(images, stems, records):
+    path = os.fspath(out / (stem + suffix))
+    imaging.save_png(image, path + ".png")
+    paths.as_path(path + ".json").write_text(json.dumps(record, indent=2))
+    written.append(path + ".png")
+  grid = os.fspath(out / f"grid_{time.strftime('%Y%m%d-%H%M%S')}_seed{jobs[0][1]}{suffix}")
+  grid_path = next(path for path in _numbered(grid) if not paths.as_path(path + ".png").exists()) + ".png"
   imaging.save_png(imaging.make_grid(images, columns=grid_columns), grid_path)
   return written + [grid_path]
+
+
+def _numbered(stem: str):
+  """stem, stem_2, stem_3, ...: names to try until one is free."""
+  yield stem
+  for k in itertools.count(2):
+    yield f"{stem}_{k}"
+
+
+def _free_or_same(stem: str, record: dict) -> bool:
+  """Nothing at STEM.png / STEM.json, or a JSON with this record (the same settings: the same image)."""
+  meta = paths.as_path(stem + ".json")
+  if meta.exists():
+    try:
+      return json.loads(meta.read_text()) == record
+    except (OSError, ValueError):
+      return False
+  return not paths.as_path(stem + ".png").exists()
 
 
 def _stem(path: str) -> str:
@@ -202,7 +250,11 @@ def main(argv):
   if _NUM_IMAGES.value < 1:
     _fail("--num_images must be at least 1.")
   thetas = _thetas() if mode == "textdiff" else None
+  _check_seeds({"text": len(prompts or []) * _NUM_IMAGES.value, "variations": _NUM_IMAGES.value}.get(mode, 1))
   images = {flag.name: _image(flag) for flag in (_IMAGE, _IMAGE2) if flag.value is not None}
+  problem = paths.output_folder_problem("out", _OUT.value)
+  if problem:
+    _fail(problem)
   if _CHECKPOINT.value is None:
     _fail("this installation has no shipped demo model (assets/shapes_demo); pass --checkpoint DIR.")
   if not paths.as_path(_CHECKPOINT.value).is_dir():
@@ -266,7 +318,10 @@ def main(argv):
   if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):
     settings["inversion_iters"] = pipe.inversion_iters
   used = {s: o for s, o in options.items() if mode == "text" or s != "prior"}  # the applications start at z_i
-  written = write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names, grid_columns=columns)
+  try:
+    written = write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names, grid_columns=columns)
+  except OSError as e:  # --out was checked before sampling, but a disk fills and a bucket refuses
+    _fail(f"cannot write the images to --out {_OUT.value!r}: {e}")
   print("\n".join(written))
 
 

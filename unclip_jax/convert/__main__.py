@@ -6,10 +6,10 @@ image-variations variant) into an inference checkpoint that sample.py --checkpoi
 
 import argparse
 import json
+import os
 import sys
 
-from unclip_jax.convert.common import ConversionError
-from unclip_jax.convert.diffusers_pipeline import convert
+from unclip_jax import paths
 
 
 def main(argv=None) -> int:
@@ -21,6 +21,16 @@ def main(argv=None) -> int:
   parser.add_argument("--dst", required=True, help="the checkpoint folder to write")
   parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --dst")
   args = parser.parse_args(argv)
+
+  problem = paths.output_folder_problem("dst", args.dst)
+  if not os.path.isdir(args.src):
+    problem = f"--src {args.src!r} is not a folder: name a diffusers unCLIP pipeline folder (prior/, decoder/, ...)."
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 1
+  # After the command line's checks: the converter imports transformers, which takes seconds.
+  from unclip_jax.convert.common import ConversionError
+  from unclip_jax.convert.diffusers_pipeline import convert
 
   try:
     layout = convert(args.src, args.dst, overwrite=args.overwrite)

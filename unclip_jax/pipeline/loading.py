@@ -39,7 +39,7 @@ def read_stage(folder: str, stage: str) -> tuple[dict, contract.StageExport]:
   """One stage's export: float32 params (a checkpoint may store float16, see assemble) and its record."""
   try:
     params, config = checkpoints.load_inference(folder)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, checkpoints.ExportError) as e:
     raise CheckpointError(f"{stage}: {e}") from e
   if config.get("stage") != stage:
     raise CheckpointError(f"{folder!r} holds a {config.get('stage')!r} export, expected {stage!r}.")
@@ -68,6 +68,21 @@ def check_clip_fits(exports: dict, clip, clip_path: str):
       raise CheckpointError(f"The {stage} does not fit the CLIP at {clip_path!r}: it expects {', '.join(wrong)}.")
 
 
+def _read_clip(clip_path: str):
+  """load_clip, with its folder's JSON files checked first: a damaged one is named in one line, not a
+  JSON, msgpack or tokenizer error from inside transformers."""
+  folder = paths.as_path(clip_path)
+  try:
+    for json_file in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+      checkpoints.read_json(json_file, "CLIP folder")
+    return clip_lib.load_clip(clip_path)
+  except (FileNotFoundError, checkpoints.ExportError) as e:
+    raise CheckpointError(f"CLIP: {e}") from e
+  except (ValueError, OSError) as e:  # e.g. a truncated flax_model.msgpack
+    raise CheckpointError(f"CLIP: {clip_path!r} does not load ({checkpoints.one_line(e)}); if its files are "
+                          "damaged, copy it again.") from e
+
+
 def read_checkpoint(path: str, clip_dir: str | None = None):
   """(clip, params, exports, options) of CHECKPOINT: its CLIP, each stage's params and export record,
   and its recommended options ({stage: StageOptions}); clear errors if any is missing.
@@ -78,19 +93,22 @@ def read_checkpoint(path: str, clip_dir: str | None = None):
   if not layout_file.is_file():
     raise CheckpointError(f"{path!r} is not an unCLIP checkpoint: no {PIPELINE_FILE} (expected "
                           f"{{\"clip\": ..., \"prior\": ..., \"decoder\": ..., \"sr1\": ...}} naming stage folders).")
-  layout = json.loads(layout_file.read_text())
+  try:
+    layout = checkpoints.read_json(layout_file, "checkpoint")
+  except checkpoints.ExportError as e:
+    raise CheckpointError(str(e)) from e
   missing = [k for k in ("decoder",) if k not in layout]
   if missing:
     raise CheckpointError(f"{layout_file} names no {missing} folder.")
+  named = {k: v for k, v in layout.items() if k in ("clip", *STAGES)}
+  if not all(isinstance(v, str) and v for v in named.values()):
+    raise CheckpointError(f"{layout_file}: the folders must be names of subfolders, got {named}.")
   try:
     options = {stage: stage_options(stage, fields) for stage, fields in layout.get("options", {}).items()}
   except (ValueError, TypeError, AttributeError) as e:
     raise CheckpointError(f"{layout_file}: bad \"options\": {e}") from e
   clip_path = clip_dir or os.fspath(root / layout.get("clip", "clip"))
-  try:
-    clip = clip_lib.load_clip(clip_path)
-  except (FileNotFoundError, ValueError) as e:
-    raise CheckpointError(f"CLIP: {e}") from e
+  clip = _read_clip(clip_path)
   params, exports = {}, {}
   for stage in STAGES:
     if stage in layout:
