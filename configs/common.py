@@ -114,4 +114,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.sample_every = 0
   c.export_dir = ""
+  # Fine-tuning: a stage export (train.py's WORKDIR/export, a converted Karlo stage) to start a new run
+  # from, params and EMA, instead of a random init; a checkpoint in the workdir wins (unclip_jax/init_from.py).
+  c.init_from = ""
   return c

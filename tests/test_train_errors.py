@@ -77,25 +77,28 @@ CASES = {
                                           "batch_size 6 must divide", None),
     "model changed since the checkpoint": (["--config", TINY, "--workdir", "{tmp}/run"],
                                            "model.num_heads 4 -> 2, model.width 64 -> 32", _prepare_changed_model),
+    "init_from no export": (["--config", TINY, "--workdir", "{tmp}/run", "--config.init_from={tmp}/nope"],
+                            "/nope' is not a stage export: expected config.json and a params/ folder", None),
+    "init_from the clip stage": (["--config", "configs/shapes.py:clip,tiny", "--workdir", "{tmp}/run",
+                                  "--config.init_from={tmp}/nope"], "the clip stage starts from a random init", None),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_train_py_bad_input_is_one_line_before_any_model_work(case, tmp_path, monkeypatch, capsys):
-  """In-process through train.py's own parse_flags and main (what app.run calls): SystemExit with a
-  one-line string is what app.run prints as `error: ...` with exit status 1 and no traceback."""
-  args, expected, prepare = CASES[case]
-  if prepare:
-    prepare(tmp_path)
+def train_py_error(args, monkeypatch, *, model_work: bool = False) -> str:
+  """train.py's message for `args`, in-process through its own parse_flags and main (what app.run
+  calls), checked to be one line: SystemExit with a one-line string is what app.run prints as
+  `error: ...` with exit status 1 and no traceback. Unless model_work, building a stage or training
+  fails the test (the error must come before)."""
   from unclip_jax.stages import build
 
   def no_model_work(*a, **k):
     raise AssertionError("model work started before the error")
 
-  monkeypatch.setattr(build, "build", no_model_work)
-  monkeypatch.setattr(train_loop, "train", no_model_work)
+  if not model_work:
+    monkeypatch.setattr(build, "build", no_model_work)
+    monkeypatch.setattr(train_loop, "train", no_model_work)
   monkeypatch.chdir(ROOT)
-  argv = ["train.py", *[a.format(tmp=tmp_path) for a in args]]
+  argv = ["train.py", *args]
   monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the --config.* overrides from sys.argv
   try:
     with pytest.raises(SystemExit) as exit_info:
@@ -107,6 +110,15 @@ def test_train_py_bad_input_is_one_line_before_any_model_work(case, tmp_path, mo
   message = exit_info.value.code
   assert isinstance(message, str) and message.startswith("error: "), message  # exit status 1
   assert "\n" not in message and "Traceback" not in message, message
+  return message
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_py_bad_input_is_one_line_before_any_model_work(case, tmp_path, monkeypatch, capsys):
+  args, expected, prepare = CASES[case]
+  if prepare:
+    prepare(tmp_path)
+  message = train_py_error([a.format(tmp=tmp_path) for a in args], monkeypatch)
   assert expected in message, message
   assert "Traceback" not in capsys.readouterr().err
 

@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from unclip_jax import checkpoints, imaging, optim, parallel, paths, training
+from unclip_jax import checkpoints, imaging, init_from, optim, parallel, paths, training
 from unclip_jax.convert import scan_layout
 
 
@@ -237,19 +237,10 @@ def validate_config(config: ml_collections.ConfigDict):
 
 
 def check_workdir(workdir: str):
-  """A ValueError if a local workdir cannot be a folder: it, or a parent of it, is a file, or the
-  nearest existing folder above it is not writable. Remote URIs are checked by their first write."""
-  if paths.is_remote(workdir):
-    return
-  path = os.path.abspath(os.fspath(paths.as_path(workdir)))
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    where = "is a file" if existing == path else f"is inside {existing!r}, which is a file"
-    raise ValueError(f"--workdir {workdir!r} {where}: name a folder (it is created if missing).")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir {workdir!r}: cannot write in {existing!r}; name a folder you can write to.")
+  """A ValueError if a local workdir cannot be a folder (paths.output_folder_problem)."""
+  problem = paths.output_folder_problem("workdir", workdir)
+  if problem:
+    raise ValueError(problem)
 
 
 def _batch_divisor(config, mesh, rules) -> int:
@@ -267,12 +258,19 @@ def _rules(config) -> tuple:
 def check_before_training(config: ml_collections.ConfigDict, workdir: str):
   """What can be checked before any model is built, each a one-line error: the run settings
   (ValueError), the mesh and the batch size's split over it (ValueError), the workdir (ValueError),
-  and the newest readable checkpoint's saved config against this one (ResumeError)."""
+  the newest readable checkpoint's saved config against this one (ResumeError), and, with no
+  checkpoint to resume, that config.init_from is an export of this stage (init_from.InitFromError)."""
   validate_config(config)
   _batch_divisor(config, parallel.make_mesh(dict(config.mesh)), _rules(config))
   check_workdir(workdir)
+  if not _check_checkpoints(config, workdir) and config.get("init_from"):
+    init_from.check_record(config)
+
+
+def _check_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether the workdir holds checkpoints; a ResumeError if the newest readable one shapes another model."""
   if not checkpoints.checkpoint_dir(workdir).exists():
-    return
+    return False
   ckpt = checkpoints.Checkpointer(workdir, save_every=config.checkpoint_every, keep=config.get("keep_checkpoints", 3))
   try:
     config_json = json.loads(config.to_json_best_effort())
@@ -282,7 +280,8 @@ def check_before_training(config: ml_collections.ConfigDict, workdir: str):
       except Exception:  # a broken checkpoint: resume() skips it
         continue
       _check_saved_config(meta, config_json, step, ckpt.directory)
-      return
+      break
+    return bool(ckpt.all_steps())
   finally:
     ckpt.close()
 
@@ -354,7 +353,8 @@ class _DivergenceCheck:
 
 def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches: BatchesFn
           ) -> training.TrainState:
-  """Trains until config.total_steps (resuming from workdir), then exports the EMA params.
+  """Trains until config.total_steps (resuming from workdir; a new run starts from config.init_from's
+  export if set, else from a random init), then exports the EMA params.
 
   workdir (and config.export_dir) may be a local folder or a URI: gs://, file://."""
   check_before_training(config, workdir)
@@ -378,7 +378,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, batches
   if restored is not None:
     state, meta = restored
     position = meta["position"]
-    logging.info("Resumed from step %d (data position %d).", int(state.step), position)
+    logging.info("Resumed from step %d (data position %d)%s.", int(state.step), position,
+                 "; config.init_from is not used" if config.get("init_from") else "")
+  elif config.get("init_from"):  # fine-tuning: a new run's params and EMA from an export
+    state = init_from.start_from(config.init_from, stage, state, tx, shardings, _model_config(stage))
   start_step = int(state.step)
 
   step_fn = training.jit_train_step(

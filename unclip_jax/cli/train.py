@@ -96,7 +96,7 @@ def main(argv):
     sys.exit("error: --config and --workdir are required, e.g. "
              f"{cli.command('train.py')} --config configs/shapes.py:clip --workdir runs/shapes/clip")
   with cli.needs_train_extra():
-    from unclip_jax import parallel, train_loop
+    from unclip_jax import init_from, parallel, train_loop
 
   distributed = distributed_args()
   if distributed is not None:
@@ -108,7 +108,8 @@ def main(argv):
   logging.info("Config:\n%s", config)
   try:
     # Before anything is built or compiled: the run settings, the mesh, the workdir, and a resumed
-    # checkpoint's config against this one (train_loop.check_before_training); a bad optim.* setting.
+    # checkpoint's config against this one, or else config.init_from's stage (train_loop.check_before_training);
+    # a bad optim.* setting. An init_from export's params are checked against the built stage in train().
     train_loop.check_before_training(config, _WORKDIR.value)
     train_loop.make_optimizer(config)
     with cli.needs_train_extra():  # e.g. tensorflow-datasets, imported only for data.kind=tfds
@@ -117,7 +118,7 @@ def main(argv):
     sys.exit(f"error: {e}")
   try:
     train_loop.train(config, _WORKDIR.value, stage, batches)
-  except (train_loop.TrainingDiverged, train_loop.ResumeError) as e:
+  except (train_loop.TrainingDiverged, train_loop.ResumeError, init_from.InitFromError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -1,4 +1,9 @@
-"""Image-text and distribution metrics: CLIP R-precision and the Frechet distance.
+"""Image-text and distribution metrics: CLIPScore, CLIP R-precision and the Frechet distance.
+
+CLIPScore (Hessel et al. 2021): per image, w * max(cos(image embedding, its
+caption's text embedding), 0), averaged over the images. Hessel et al. use
+w = 2.5 (their CLIP-S); text-to-image papers and torchmetrics' CLIPScore use
+w = 100, i.e. the clipped cosine similarity in percent.
 
 R-precision (AttnGAN's, Xu et al. 2018, scored with CLIP as in Park et al.
 2021): a generated image is a hit when its CLIP image embedding is more similar
@@ -83,6 +88,14 @@ def r_precision(image_embeds, text_embeds, distractor_embeds=None, *, captions: 
   others = np.einsum("nd,nkd->nk", images, distractors)  # [N, K]
   hits = own > others.max(-1) + TIE_TOLERANCE
   return hits if per_image else float(hits.mean())
+
+
+def clip_score(image_embeds, text_embeds, weight: float = 100.0) -> float:
+  """Mean over the images of weight * max(cos, 0) between image i [N, D] and its caption's embedding [N, D]."""
+  images, texts = _normalise(image_embeds), _normalise(text_embeds)
+  if images.shape != texts.shape or images.ndim != 2:
+    raise ValueError(f"image_embeds {images.shape} and text_embeds {texts.shape} must both be [N, D].")
+  return float(weight * np.mean(np.maximum(np.sum(images * texts, -1), 0.0)))
 
 
 def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray, method: str) -> float:

@@ -54,8 +54,9 @@ def prior_loss(params, batch: dict, rng, *, model: prior_lib.DiffusionPrior, sta
 def sample_prior(model: prior_lib.DiffusionPrior, variables, cond: dict, uncond: dict, rng, *,
                  num_steps: int = 25, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 4.0,
                  clip_range: float | None = 5.0, num_candidates: int = 2, noise_schedule: str = "cosine",
-                 num_train_timesteps: int = 1000, prediction_type: str = "x0", variance_type: str = "fixed_small",
-                 x_T=None, step_noise=None, progress_desc: str | None = None):
+                 num_train_timesteps: int = 1000, spacing: str = "linspace", prediction_type: str = "x0",
+                 variance_type: str = "fixed_small",
+                 x_T=None, step_noise=None, part: samplers.Part | None = None):
   """CLIP image embeddings z_i [B, D] for text conditioning `cond` (batch B).
 
   Runs the respaced chain (Karlo: 25 DDPM steps, guidance 4, x0 clamped to
@@ -64,6 +65,7 @@ def sample_prior(model: prior_lib.DiffusionPrior, variables, cond: dict, uncond:
   dot product with z_t (the paper uses 2). x_T [B * n, D] and step_noise
   [K, B * n, D] (prompt-major: prompt b's draws at rows b*n .. b*n+n-1) fix the
   noise for comparisons. Call under jax.jit with the static arguments bound.
+  With a `part` (samplers.Part): (loop state, z_i) after the part's steps.
   """
   text.check(cond, "cond")
   text.check(uncond, "uncond")
@@ -72,7 +74,7 @@ def sample_prior(model: prior_lib.DiffusionPrior, variables, cond: dict, uncond:
   batch, dim = cond["z_t"].shape
   rows = batch * num_candidates
   cond_n = {k: jnp.repeat(cond[k], num_candidates, axis=0) for k in text.KEYS}  # [B * n, ...]
-  schedule = schedules.make_schedule(noise_schedule, num_train_timesteps, num_steps)
+  schedule = schedules.make_schedule(noise_schedule, num_train_timesteps, num_steps, spacing)
 
   def model_fn(x, t, c):
     return model.apply(variables, x, t, c["z_t"], c["tokens"], c["mask"])
@@ -85,33 +87,36 @@ def sample_prior(model: prior_lib.DiffusionPrior, variables, cond: dict, uncond:
     guided = samplers.classifier_free_guidance(model_fn, cond_n, uncond_n, guidance_scale)
   if x_T is not None and x_T.shape != (rows, dim):
     raise ValueError(f"x_T must be [B * num_candidates, D] = {(rows, dim)}, got {x_T.shape}.")
-  x0 = samplers.sample(guided, schedule, rng, x_T, shape=(rows, dim), sampler=sampler, eta=eta,
-                       prediction_type=prediction_type, variance_type=variance_type, clip_range=clip_range,
-                       step_noise=step_noise, progress_desc=progress_desc)
-  z_i = prior_lib.denormalize(variables, x0).reshape(batch, num_candidates, dim)
-  scores = jnp.einsum("bnd,bd->bn", z_i, cond["z_t"].astype(z_i.dtype))
-  best = jnp.argmax(scores, axis=1)
-  return jnp.take_along_axis(z_i, best[:, None, None], axis=1)[:, 0]  # [B, D]
+
+  def best_of_candidates(x0):  # [B * n, D] -> z_i [B, D]
+    z_i = prior_lib.denormalize(variables, x0).reshape(batch, num_candidates, dim)
+    scores = jnp.einsum("bnd,bd->bn", z_i, cond["z_t"].astype(z_i.dtype))
+    best = jnp.argmax(scores, axis=1)
+    return jnp.take_along_axis(z_i, best[:, None, None], axis=1)[:, 0]
+
+  return samplers.sample(guided, schedule, rng, x_T, shape=(rows, dim), sampler=sampler, eta=eta,
+                         prediction_type=prediction_type, variance_type=variance_type, clip_range=clip_range,
+                         step_noise=step_noise, finish=best_of_candidates, part=part)
 
 
-def sampler_from_export(export: contract.PriorExport, options: contract.StageOptions, *, num_candidates: int = 2,
-                        progress_desc: str | None = None):
-  """sample(variables, cond, uncond, rng) -> z_i [B, D]: the exported prior sampled as `options` say
+def sampler_from_export(export: contract.PriorExport, options: contract.StageOptions, *, num_candidates: int = 2):
+  """sample(variables, cond, uncond, rng, part=None) -> z_i [B, D]: the exported prior sampled as `options` say
   (its dynamic_threshold is for images and not used), best of num_candidates. Jit it."""
   d = export.diffusion
   return functools.partial(
       sample_prior, prior_lib.DiffusionPrior(export.model, jnp.dtype(export.dtype)), num_steps=options.num_steps,
       sampler=options.sampler, eta=options.eta, guidance_scale=options.guidance_scale, clip_range=options.clip_range,
       num_candidates=num_candidates, noise_schedule=d.schedule, num_train_timesteps=d.num_timesteps,
-      prediction_type=d.prediction_type, variance_type=d.variance_type, progress_desc=progress_desc)
+      spacing=options.spacing, prediction_type=d.prediction_type, variance_type=d.variance_type)
 
 
 def sampling_options(config) -> contract.StageOptions:
   """How a training config samples its prior (the AOT tool's sampling loop): its sample_steps,
-  sampler, guidance_scale and clip_range, or the paper's."""
+  sampler, sample_spacing, guidance_scale and clip_range, or the paper's."""
   return contract.StageOptions(config.get("sample_steps", 64), config.get("sampler", "ddpm"),
                                guidance_scale=config.get("guidance_scale", 4.0),
-                               clip_range=config.get("clip_range", 5.0))
+                               clip_range=config.get("clip_range", 5.0),
+                               spacing=config.get("sample_spacing", "linspace"))
 
 
 class PriorStage:
@@ -134,15 +139,20 @@ class PriorStage:
     self.uncond = text.unconditional(clip)
     z_i = np.concatenate([b["z_i"] for b in first_batches])
     self.stats = latent_stats(z_i)
-    self._loss = functools.partial(prior_loss, model=self.model, stats=self.stats, schedule=self.schedule,
+    self._loss = functools.partial(prior_loss, model=self.model, schedule=self.schedule,
                                    uncond=self.uncond, p_uncond=config.get("p_uncond", 0.1),
                                    prediction_type=self.export_config.diffusion.prediction_type)
 
   def init_params(self, rng):
     return prior_lib.init_variables(self.model_config, rng)["params"]
 
+  def adopt_stats(self, stats: dict):
+    """Normalise with these latent stats (clip_mean, clip_std) from now on, in the loss and the export:
+    a prior fine-tuned from an export keeps the latent space its network learned (init_from.py)."""
+    self.stats = jax.tree.map(jnp.asarray, stats)
+
   def loss(self, params, batch, rng):
-    return self._loss(params, batch, rng)
+    return self._loss(params, batch, rng, stats=self.stats)
 
   def encode_batch(self, host_batch):
     return text.encode_batch(self.clip, host_batch)
