@@ -1,6 +1,7 @@
 """The pipeline on a tiny random stack (CLIP, prior, decoder, sr1, sr2): text to
 image, and the applications (variations, interpolations, text diffs)."""
 
+import dataclasses
 import gc
 import json
 import os
@@ -460,3 +461,34 @@ def test_sample_py_interpolate_writes_frames_with_json(pipe, tmp_path, monkeypat
                                           "clip_range": 1.0, "dynamic_threshold": None, "spacing": "linspace"}
   grid, = out.glob("grid_*.png")
   assert np.asarray(Image.open(grid)).shape == (16 + 4, 3 * 18 + 2, 3)  # one row of frames
+
+
+def test_sample_py_interpolates_between_two_captions(pipe, tmp_path, monkeypatch):
+  """--mode interpolate --prompt A --prompt2 B: the frames of applications.interpolate_captions, with the
+  prior's options recorded (it samples both captions' z_i)."""
+  from absl import flags
+  from PIL import Image
+
+  import sample
+
+  monkeypatch.setattr(pipeline.Pipeline, "load", lambda *args, **kwargs: pipe)
+  out = tmp_path / "out"
+  flags.FLAGS(["sample.py", "--mode", "interpolate", "--prompt", "a red circle", "--prompt2", "a blue square",
+               "--num_frames", "3", "--seed", "5", "--checkpoint", str(tmp_path), "--prior_steps", "3",
+               "--prior_sampler", "ddpm", "--prior_guidance", "4", "--decoder_steps", "3", "--decoder_guidance", "3",
+               "--up_to", "decoder", "--out", str(out), "--compilation_cache", ""])
+  try:
+    sample.main(["sample.py"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  frames = sorted(out.glob("interpolate_a_red_circle_a_blue_square_seed5_frame*.png"))
+  assert len(frames) == 3
+  expected = pipeline.interpolate_captions(pipe, "a red circle", "a blue square", 3, seed=5, options=FAST,
+                                           up_to="decoder")
+  for k, path in enumerate(frames):
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), expected[k])
+    meta = json.load(open(path.with_suffix(".json")))
+    assert meta["prompt_a"] == "a red circle" and meta["prompt_b"] == "a blue square" and meta["prompt"] == ""
+    assert meta["frame"] == k and meta["theta"] == [0.0, 0.5, 1.0][k] and meta["prior_candidates"] == 2
+    assert meta["options"]["prior"] == dataclasses.asdict(FAST["prior"])
+    assert meta["options"]["decoder"]["sampler"] == "ddim"

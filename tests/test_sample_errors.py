@@ -64,6 +64,12 @@ SAMPLE_CASES = {
         ["--mode", "variations", "--image", "{tmp}/a.png", "--num_images", "3", "--seed", str(SEED_MAX - 1)],
         f"error: --seed {SEED_MAX - 1} with 3 images needs seeds up to {SEED_MAX + 1}, past 2**32 - 1 = {SEED_MAX}: "
         f"use a --seed of at most {SEED_MAX - 2}."),
+    "caption interpolation without --prompt2": (["--mode", "interpolate", "--prompt", "a red circle"],
+                                                "error: --mode=interpolate needs --prompt2."),
+    "caption interpolation with inverted noise": (
+        ["--mode", "interpolate", "--prompt", "a red circle", "--prompt2", "a blue square", "--interp_noise", "slerp"],
+        "error: --interp_noise=slerp slerps the two images' DDIM inversions; between captions every frame starts "
+        "from --seed's x_T (drop --interp_noise)."),
     "prompts file not UTF-8": (["--prompts_file", "{tmp}/prompts.txt"],
                                "error: --prompts_file '{tmp}/prompts.txt' is not UTF-8 text (byte 0xe8 at offset "
                                "31): save it as UTF-8."),

@@ -9,23 +9,28 @@ docs/evaluation.md. Inception FID needs Inception weights that are not shipped; 
 here is computed on CLIP image embeddings instead (not comparable with published FIDs).
 """
 
+import argparse
 import json
 import sys
 
-from absl import app, flags
-
-from unclip_jax import cli
 from unclip_jax.eval import folder
 from unclip_jax.models import clip as clip_lib
 
-_IMAGES = flags.DEFINE_string("images", None, "Folder of images to score (PNG, JPEG, WebP, BMP).")
-_CAPTIONS = flags.DEFINE_string("captions", None, "Text file, one caption per line, matched to the sorted image "
-                                "names (default: each image's NAME.json sidecar, its \"prompt\").")
-_CLIP = flags.DEFINE_string("clip", None, "CLIP folder (Hugging Face CLIPModel format, with its vision tower).")
-_REFERENCE = flags.DEFINE_string("reference", None, "Folder of reference images: adds the Frechet distance "
-                                 "between the two sets' CLIP image embeddings.")
-_JSON = flags.DEFINE_string("json", None, "Write the scores to this JSON file.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per CLIP call.")
+
+def parser() -> argparse.ArgumentParser:
+  """argparse, not absl flags: module-level absl flags (--clip, ...) would clash with sample.py's in any
+  process that imports both."""
+  p = argparse.ArgumentParser(prog="python -m unclip_jax.eval", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--images", required=True, help="folder of images to score (PNG, JPEG, WebP, BMP)")
+  p.add_argument("--clip", required=True, help="CLIP folder (Hugging Face CLIPModel format, with its vision tower)")
+  p.add_argument("--captions", help="text file, one caption per line, matched to the sorted image names "
+                 "(default: each image's NAME.json sidecar, its \"prompt\")")
+  p.add_argument("--reference", help="folder of reference images: adds the Frechet distance between the two "
+                 "sets' CLIP image embeddings")
+  p.add_argument("--json", help="write the scores to this JSON file")
+  p.add_argument("--batch_size", type=int, default=32, help="images per CLIP call")
+  return p
 
 
 def read_inputs(images_dir: str, captions_file: str | None, reference_dir: str | None):
@@ -47,31 +52,28 @@ def table(results: dict) -> str:
   return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
-def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-  if not _IMAGES.value or not _CLIP.value:
-    sys.exit("error: --images and --clip are required, e.g. python -m unclip_jax.eval --images samples/ "
-             "--clip runs/shapes/clip/export")
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
   try:  # every input before any model is loaded
-    images, captions, reference = read_inputs(_IMAGES.value, _CAPTIONS.value, _REFERENCE.value)
-    folder.check_clip_dir(_CLIP.value)
-    clip = clip_lib.load_clip(_CLIP.value)
+    images, captions, reference = read_inputs(args.images, args.captions, args.reference)
+    folder.check_clip_dir(args.clip)
+    clip = clip_lib.load_clip(args.clip)
   except (ValueError, FileNotFoundError, OSError) as e:
-    sys.exit(f"error: {e}")
-  image_embeds = folder.embed_images(clip, images, _BATCH.value)
-  reference_embeds = folder.embed_images(clip, reference, _BATCH.value) if reference is not None else None
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  image_embeds = folder.embed_images(clip, images, args.batch_size)
+  reference_embeds = folder.embed_images(clip, reference, args.batch_size) if reference is not None else None
   results = folder.scores(image_embeds, folder.embed_texts(clip, captions), captions, reference_embeds)
   print(table(results))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(dict(results, images=_IMAGES.value, clip=_CLIP.value, reference=_REFERENCE.value), f, indent=2)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(results, images=args.images, clip=args.clip, reference=args.reference), f, indent=2)
+  return 0
 
 
 def run():
   """`python -m unclip_jax.eval` (and the unclip-eval console script)."""
-  cli.show_in_help(__name__, __doc__)
-  app.run(main)
+  sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
   unclip-sample --prompt "a red circle above a blue square"
   unclip-sample --mode variations --image cat.png --num_images 4
   unclip-sample --mode interpolate --image a.png --image2 b.png --num_frames 8
+  unclip-sample --mode interpolate --prompt "a red circle" --prompt2 "a blue square" --num_frames 8
   unclip-sample --mode textdiff --image a.png --prompt "a red circle" --prompt2 "a blue circle"
 
 (`python sample.py ...` from a checkout is the same program.) With no --checkpoint
@@ -45,7 +46,8 @@ _CLIP = flags.DEFINE_string("clip", None, "CLIP folder (default: the checkpoint'
 _MODE = flags.DEFINE_enum("mode", "text", ["text", "variations", "interpolate", "textdiff"], "What to make.")
 _IMAGE = flags.DEFINE_string("image", None, "Input image file (variations, interpolate, textdiff).")
 _IMAGE2 = flags.DEFINE_string("image2", None, "Second image file (interpolate).")
-_PROMPT2 = flags.DEFINE_string("prompt2", None, "Target caption (textdiff; --prompt is the source caption).")
+_PROMPT2 = flags.DEFINE_string("prompt2", None, "Target caption (textdiff; --prompt is the source caption), or the "
+                               "second caption (interpolate between --prompt's and --prompt2's z_i).")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 5, "Frames (interpolate), or thetas over [0, --max_theta] (textdiff).")
 _THETAS = flags.DEFINE_list("thetas", None, "Comma-separated thetas for textdiff (instead of --num_frames).")
 _MAX_THETA = flags.DEFINE_float("max_theta", 0.5, "Largest theta of textdiff's grid (the paper goes to about 0.5).")
@@ -101,21 +103,36 @@ def _image(flag):
     _fail(f"--{flag.name}: {e}")
 
 
+def _between_captions(mode: str) -> bool:
+  """interpolate between two captions (--prompt, --prompt2) rather than two images."""
+  return mode == "interpolate" and (_PROMPT2.present or _PROMPT.present)
+
+
 def _check_mode_flags(mode: str):
   """One-line errors for flags a mode needs or does not use, before anything is loaded."""
-  needs = {"text": [], "variations": [_IMAGE], "interpolate": [_IMAGE, _IMAGE2],
+  interpolate = ([_PROMPT2], [_IMAGE, _IMAGE2, _PROMPTS_FILE]) if _between_captions(mode) else (
+      [_IMAGE, _IMAGE2], [_PROMPT2, _PROMPT, _PROMPTS_FILE])
+  needs = {"text": [], "variations": [_IMAGE], "interpolate": interpolate[0],
            "textdiff": [_IMAGE, _PROMPT2]}[mode]
   for flag in needs:
     if flag.value is None:
       _fail(f"--mode={mode} needs --{flag.name}.")
   unused = {"text": [_IMAGE, _IMAGE2, _PROMPT2], "variations": [_IMAGE2, _PROMPT2, _PROMPT, _PROMPTS_FILE],
-            "interpolate": [_PROMPT2, _PROMPT, _PROMPTS_FILE], "textdiff": [_IMAGE2, _PROMPTS_FILE]}[mode]
+            "interpolate": interpolate[1], "textdiff": [_IMAGE2, _PROMPTS_FILE]}[mode]
   if mode != "text":
     unused.append(_UNCONDITIONAL)
   for flag in unused:
     if flag.present:
       what = "it decodes without a caption" if flag is _PROMPT else "it is not used there"
+      if _between_captions(mode) and flag in (_IMAGE, _IMAGE2):
+        what = "it interpolates between --prompt's and --prompt2's images, or give --image and --image2 alone"
       _fail(f"--{flag.name} does not apply to --mode={mode} ({what}).")
+  if _between_captions(mode):
+    if len(_PROMPT.value) != 1 or not _PROMPT.value[0].strip() or not _PROMPT2.value.strip():
+      _fail("--mode=interpolate between captions needs one non-empty --prompt and a non-empty --prompt2.")
+    if _INTERP_NOISE.value == "slerp":
+      _fail("--interp_noise=slerp slerps the two images' DDIM inversions; between captions every frame starts "
+            "from --seed's x_T (drop --interp_noise).")
   if mode == "textdiff":
     if len(_PROMPT.value) != 1 or not _PROMPT.value[0].strip() or not _PROMPT2.value.strip():
       _fail("--mode=textdiff needs one non-empty --prompt (the image's caption) and a non-empty --prompt2 "
@@ -289,6 +306,15 @@ def main(argv):
       jobs = [("", s) for s in seeds]
       extras = [{"image": _absolute(_IMAGE.value)} for _ in seeds]
       names = [f"{slug(_stem(_IMAGE.value))}_variation_seed{s}" for s in seeds]
+    elif _between_captions(mode):
+      frames, (first, second) = _NUM_FRAMES.value, (_PROMPT.value[0], _PROMPT2.value)
+      out = pipeline_lib.interpolate_captions(pipe, first, second, frames, seed=seed, options=options,
+                                              num_candidates=_CANDIDATES.value, up_to=up_to)
+      thetas = [float(t) for t in np.linspace(0.0, 1.0, frames)]
+      jobs = [("", seed)] * frames
+      extras = [{"prompt_a": first, "prompt_b": second, "frame": k, "theta": theta} for k, theta in enumerate(thetas)]
+      names = [f"interpolate_{slug(first)}_{slug(second)}_seed{seed}_frame{k:02d}" for k in range(frames)]
+      columns = frames
     elif mode == "interpolate":
       frames = _NUM_FRAMES.value
       out = pipeline_lib.interpolate(pipe, images["image"], images["image2"], frames, seed=seed, options=options,
@@ -313,11 +339,12 @@ def main(argv):
     _fail(str(e))  # e.g. text from a variations-only checkpoint (no prior)
   settings = {"checkpoint": _absolute(_CHECKPOINT.value), "preset": _PRESET.value or "checkpoint",
               "up_to": up_to, "mode": mode}
-  if mode == "text":
+  if mode == "text" or _between_captions(mode):
     settings["prior_candidates"] = _CANDIDATES.value
   if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):
     settings["inversion_iters"] = pipe.inversion_iters
-  used = {s: o for s, o in options.items() if mode == "text" or s != "prior"}  # the applications start at z_i
+  # The image applications start at z_i; text and caption interpolation sample it with the prior.
+  used = {s: o for s, o in options.items() if mode == "text" or _between_captions(mode) or s != "prior"}
   try:
     written = write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names, grid_columns=columns)
   except OSError as e:  # --out was checked before sampling, but a disk fills and a bucket refuses
