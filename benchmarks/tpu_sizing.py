@@ -39,8 +39,10 @@ def fit_points(stage: str, topology: str) -> str:
   return f"{per_chip // 2},{per_chip}"
 
 
-def run_case(stage: str, topology: str, remat: bool, timeout: float, results: str = RESULTS, fit: bool = True) -> str:
-  """Runs one aot sizing in its own process (fit=False: the paper's batch only); returns a one-word outcome."""
+def run_case(stage: str, topology: str, remat: bool, timeout: float, results: str = RESULTS, fit: bool = True,
+             fit_checks: int = 3) -> str:
+  """Runs one aot sizing in its own process (fit=False: the paper's batch only; fit_checks: check compiles
+  of the fit's line); returns a one-word outcome."""
   out = case_path(stage, topology, remat, results)
   if os.path.exists(out):
     with open(out) as f:
@@ -49,7 +51,7 @@ def run_case(stage: str, topology: str, remat: bool, timeout: float, results: st
   command = [sys.executable, "-m", "unclip_jax.aot", "--config", f"configs/paper.py:{stage}", "--topology", topology,
              f"--config.model.remat={remat}", "--json", out, "--cache_dir", os.path.join(results, "compiles")]
   if fit:
-    command += ["--fit_batch", f"--fit_points={fit_points(stage, topology)}"]
+    command += ["--fit_batch", f"--fit_points={fit_points(stage, topology)}", f"--fit_checks={fit_checks}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   start = time.time()
   with open(out.replace(".json", ".log"), "w") as log:
@@ -72,6 +74,13 @@ def _row(path: str) -> str:
   else:
     shown, batch = fit.get("report"), (f"{fit['batch_size']}*" if fit else "-")
   largest = str(fit["batch_size"]) if fit.get("verified") else ("none checked" if fit else "not sized")
+  predicted = fit.get("predicted_batch_size")
+  if predicted and not fit.get("checks") and predicted > fit.get("batch_size", 0):  # --fit_checks 0
+    largest += f" (line: ~{predicted}, unchecked)"
+  hbm = r.get("hbm_bytes_per_chip") or (fit.get("report") or {}).get("hbm_bytes_per_chip")
+  refused = [guess for guess, total in fit.get("checks", []) if total is None or (hbm and total > hbm)]
+  if refused and fit.get("per_chip_batch"):  # checks that XLA refused bound the answer from above
+    largest += f" (refused: {min(refused) * fit['batch_size'] // fit['per_chip_batch']})"
   cells = [stage, topology.replace("_", ":"), remat[len("remat-"):], "yes" if r["fits"] else "no", largest, batch]
   if shown is None:
     return "| " + " | ".join(cells + ["-"] * 8) + " |"
@@ -103,6 +112,8 @@ def main():
                            "cores, far longer beside other work: a short limit throws finished work away)")
   parser.add_argument("--results", default=RESULTS)
   parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
+  parser.add_argument("--fit_checks", type=int, default=3,
+                      help="check compiles of each fit's line (0: report the line's batch, unchecked)")
   parser.add_argument("--paper_batch_only", action="store_true",
                       help="one compile per case, at the paper's batch (a first pass; a later fit reuses it)")
   args = parser.parse_args()
@@ -121,7 +132,7 @@ def main():
       for topology in args.topologies.split(","):
         for remat in args.remat.split(","):
           outcome = run_case(stage, topology, remat == "on", args.timeout, args.results,
-                             fit=not args.paper_batch_only)
+                             fit=not args.paper_batch_only, fit_checks=args.fit_checks)
           print(f"{stage} {topology} remat {remat}: {outcome}", flush=True)
   print(table(args.results))
 

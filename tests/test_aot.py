@@ -1,13 +1,16 @@
 """Ahead-of-time compilation for a TPU topology on a machine without TPUs (unclip_jax/aot.py)."""
 
+import glob
 import json
 import os
 
 import pytest
 from absl import flags
 
-from configs import shapes
+from configs import paper, shapes
 from unclip_jax import aot, hlo_stats, tpu_chips
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(not tpu_chips.libtpu_installed(),
                                 reason="libtpu is not installed (requirements-dev.txt pins it)")
@@ -183,6 +186,12 @@ def test_fit_batch_solves_the_affine_memory_line(monkeypatch, tmp_path):
   assert compiled == [4, 8, want] and fit["verified"] and fit["per_chip_batch"] == want
   assert fit["batch_size"] == want * chips and fit["report"]["per_chip_bytes"]["total"] <= hbm
   assert fit["bytes_fixed"] == pytest.approx(fixed) and fit["bytes_per_example"] == pytest.approx(per_example)
+  assert fit["predicted_batch_size"] == want * chips  # the line's own answer, before the check
+
+  compiled.clear()  # max_checks=0 (--fit_checks 0): the two points only; the line's answer is reported
+  fit = aot.fit_batch(config, topology, ["4", "8"], max_checks=0)
+  assert compiled == [4, 8] and fit["checks"] == [] and fit["per_chip_batch"] == 8
+  assert fit["predicted_batch_size"] == want * chips
 
   compiled.clear()  # the config's own batch (8 per chip) was compiled already
   known = {8 * chips: {"arguments": fixed, "outputs": 0, "temps": 8 * per_example, "total": fixed + 8 * per_example}}
@@ -211,3 +220,24 @@ def test_fit_batch_solves_the_affine_memory_line(monkeypatch, tmp_path):
   config.model.width *= 2  # another program: compiled again
   aot.fit_batch(config, topology, ["4", "8"], cache_dir=str(tmp_path))
   assert compiled[:2] == [4, 8]
+
+
+def test_the_kept_paper_compiles_still_match_the_configs():
+  """benchmarks/results/tpu_sizing/compiles holds paper-size TPU compiles of 30-55 CPU-minutes each
+  (docs/scaling.md's numbers). Each entry's key must still be the key of today's configs/paper.py at its
+  settings: a config change that alters the program makes them stale (rerun benchmarks/tpu_sizing.py);
+  a new host-only key (aot.HOST_ONLY_KEYS) must not."""
+  entries = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "tpu_sizing", "compiles", "*.json")))
+  assert entries
+  for path in entries:
+    with open(path) as f:
+      inputs = json.load(f)["inputs"]
+    config = paper.get_config(inputs["config"]["stage"])
+    config.model.remat = inputs["config"]["model"]["remat"]
+    mine = aot.compile_inputs(config, inputs["topology"], batch_size=inputs["config"]["batch_size"],
+                              sample=inputs["sample"], clip=aot.ClipShapes(*inputs["clip"]),
+                              replicate_params=inputs["replicate_params"])
+    if mine["libtpu"] != inputs["libtpu"] or mine["jax"] != inputs["jax"]:
+      pytest.skip("another jax or libtpu than the kept compiles' (their keys include the versions)")
+    assert mine == inputs, os.path.basename(path)
+    assert aot.compile_key(mine) == os.path.basename(path)[:-len(".json")]

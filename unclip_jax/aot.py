@@ -45,6 +45,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.DEFINE_bool("fit_batch", False, "Also find the largest global batch that fits: two compiles at per-chip "
                     "batches --fit_points, memory = a + b * batch, then up to 3 check compiles.", **fv)
   flags.DEFINE_list("fit_points", ["4", "8"], "The two per-chip batch sizes --fit_batch compiles at.", **fv)
+  flags.DEFINE_integer("fit_checks", 3, "Check compiles of --fit_batch's answer (0: the line through the two "
+                       "points only, reported as predicted_batch_size).", lower_bound=0, **fv)
   flags.DEFINE_bool("replicate_params", False, "With --sample: params whole on every chip and the batch split over "
                     "all chips, as sample.py runs (default: the config's mesh and rules, as the train loop's "
                     "sample grids run).", **fv)
@@ -281,7 +283,7 @@ def _required_bytes(error: DoesNotFit, fixed: float) -> float | None:
 
 # Config entries the compiled step never reads (the data pipeline, logging and checkpoint cadence).
 HOST_ONLY_KEYS = ("data", "clip_dir", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
-                  "export_dir")
+                  "export_dir", "init_from")
 
 
 def compile_inputs(config, topology, *, batch_size: int, sample: bool, clip: ClipShapes,
@@ -367,9 +369,12 @@ def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_pa
     fixed = pc["total"] - pc["temps"]
     fitting = b if pc["total"] <= hbm else fitting
   (x0, y0), (x1, y1) = measured
-  out = {"per_chip_batches": per_chip, "per_chip_totals": [y0, y1], "bytes_fixed": y0 - (y1 - y0) / (x1 - x0) * x0,
-         "bytes_per_example": (y1 - y0) / (x1 - x0), "checks": [], "per_chip_batch": fitting,
-         "batch_size": fitting * divisor, "verified": fitting > 0}
+  slope = (y1 - y0) / (x1 - x0)
+  # The line's own answer, before any check: what two compiles say (checks may move it).
+  predicted = int((hbm - (y1 - slope * x1)) // slope) // unit * unit if slope > 0 else None
+  out = {"per_chip_batches": per_chip, "per_chip_totals": [y0, y1], "bytes_fixed": y0 - slope * x0,
+         "bytes_per_example": slope, "checks": [], "per_chip_batch": fitting, "batch_size": fitting * divisor,
+         "verified": fitting > 0, "predicted_batch_size": None if predicted is None else predicted * divisor}
   for _ in range(max_checks):
     (x0, y0), (x1, y1) = measured[-2:]
     slope = (y1 - y0) / (x1 - x0)
@@ -476,13 +481,14 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     fit = None
     if FLAGS.fit_batch:
       fit = fit_batch(config, topology, FLAGS.fit_points, sample=FLAGS.sample, clip=clip,
-                      replicate_params=FLAGS.replicate_params, cache_dir=FLAGS.cache_dir,
+                      replicate_params=FLAGS.replicate_params, cache_dir=FLAGS.cache_dir, max_checks=FLAGS.fit_checks,
                       known={config.batch_size: result["per_chip_bytes"]} if result else None)
       print(f"fit: memory = {fit['bytes_fixed'] / 2**30:.3f} GiB + {fit['bytes_per_example'] / 2**20:.3f} MiB "
             f"x per-chip batch (compiled at {fit['per_chip_batches']}); checked per-chip batches "
             f"{[c[0] for c in fit['checks']]}")
       print(f"fit: largest batch that compiled and fits: {fit['batch_size']} ({fit['per_chip_batch']} per chip)"
             if fit["verified"] else "fit: no checked batch fits")
+      print(f"fit: the line's largest batch (unchecked): {fit['predicted_batch_size']}")
   except DoesNotFit as e:
     if FLAGS.json:  # a refusal is a result too (benchmarks/tpu_sizing.py tabulates it)
       write_json({"fits": False, "batch_size": config.batch_size, "does_not_fit": str(e)}, FLAGS.json)
