@@ -115,6 +115,18 @@ def test_convert_bad_input_is_one_line_before_any_work(args, expected, tmp_path)
   assert not os.path.exists(tmp_path / "karlo")
 
 
+def test_convert_without_its_extra_is_one_line(tmp_path):
+  """An install without [convert]: safetensors (and torch, diffusers) missing is one line naming the extra."""
+  (tmp_path / "src").mkdir()
+  script = ("import sys; sys.modules['safetensors'] = None; from unclip_jax.convert.__main__ import main; "
+            "sys.exit(main(sys.argv[1:]))")
+  out = _run(["-c", script], ["--from", "diffusers", "--src", "{tmp}/src", "--dst", "{tmp}/karlo"], tmp_path)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: converting needs 'safetensors', which is not installed: pip install 'unclip-jax[convert]' "
+      "(in a checkout: pip install -r requirements-dev.txt)")
+
+
 # --- a damaged inference checkpoint ----------------------------------------------------------------------------
 
 def _largest_file(folder):

@@ -28,13 +28,18 @@ def command(script: str) -> str:
   return f"python {name}" if name.endswith(".py") else name
 
 
+# Each optional extra (pyproject.toml) and the checkout's lock file that installs it.
+EXTRA_LOCKS = {"train": "requirements.txt", "convert": "requirements-dev.txt"}
+
+
 @contextlib.contextmanager
-def needs_train_extra(job: str = "training"):
-  """A library only training needs, missing from a sampling-only install, as a one-line error."""
+def needs_extra(job: str = "training", extra: str = "train"):
+  """A library only `job` needs, missing from an install without `extra`, as a one-line error."""
   try:
     yield
   except ModuleNotFoundError as e:
-    if (e.name or "").partition(".")[0] in ("", "unclip_jax"):
+    package = (e.name or "").partition(".")[0]  # what pip installs: safetensors for safetensors.numpy
+    if package in ("", "unclip_jax"):
       raise
-    sys.exit(f"error: {job} needs {e.name!r}, which is not installed: pip install 'unclip-jax[train]' "
-             "(in a checkout: pip install -r requirements.txt)")
+    sys.exit(f"error: {job} needs {package!r}, which is not installed: pip install 'unclip-jax[{extra}]' "
+             f"(in a checkout: pip install -r {EXTRA_LOCKS[extra]})")

@@ -59,7 +59,7 @@ def main(argv):
     sys.exit("error: --data_kind folder needs --data_path")
   if _KIND.value == "shapes" and not _NUM.value:
     sys.exit("error: a Shapes world is endless: say how many scenes (--num_examples).")
-  with cli.needs_train_extra("writing embeddings"):  # grain, and tensorflow-datasets for tfds
+  with cli.needs_extra("writing embeddings"):  # grain, and tensorflow-datasets for tfds
     from unclip_jax.data import batches, embeddings
 
   try:

@@ -95,13 +95,13 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("error: --config and --workdir are required, e.g. "
              f"{cli.command('train.py')} --config configs/shapes.py:clip --workdir runs/shapes/clip")
-  with cli.needs_train_extra():
+  with cli.needs_extra():
     from unclip_jax import init_from, parallel, train_loop
 
   distributed = distributed_args()
   if distributed is not None:
     parallel.initialize_distributed(**distributed)
-  with cli.needs_train_extra():
+  with cli.needs_extra():
     from unclip_jax.stages import build
 
   config = _CONFIG.value
@@ -112,7 +112,7 @@ def main(argv):
     # a bad optim.* setting. An init_from export's params are checked against the built stage in train().
     train_loop.check_before_training(config, _WORKDIR.value)
     train_loop.make_optimizer(config)
-    with cli.needs_train_extra():  # e.g. tensorflow-datasets, imported only for data.kind=tfds
+    with cli.needs_extra():  # e.g. tensorflow-datasets, imported only for data.kind=tfds
       stage, batches = build.build(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, train_loop.ResumeError) as e:
     sys.exit(f"error: {e}")

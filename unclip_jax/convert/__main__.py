@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from unclip_jax import paths
+from unclip_jax import cli, paths
 
 
 def main(argv=None) -> int:
@@ -29,8 +29,9 @@ def main(argv=None) -> int:
     print(f"error: {problem}", file=sys.stderr)
     return 1
   # After the command line's checks: the converter imports transformers, which takes seconds.
-  from unclip_jax.convert.common import ConversionError
-  from unclip_jax.convert.diffusers_pipeline import convert
+  with cli.needs_extra("converting", extra="convert"):  # torch, safetensors, diffusers
+    from unclip_jax.convert.common import ConversionError
+    from unclip_jax.convert.diffusers_pipeline import convert
 
   try:
     layout = convert(args.src, args.dst, overwrite=args.overwrite)
