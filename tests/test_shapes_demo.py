@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +32,24 @@ def test_shipped_demo_loads_and_draws_a_prompt():
   # The Shapes analyser finds the caption's two colours (and no other); noise or a flat canvas fails.
   # How good the demo is over many prompts is benchmarks/eval_shapes.py's job (docs/benchmarks.md).
   assert shapes_eval.score_image(image[0], "a red circle above a blue square").color
+
+
+@pytest.mark.slow
+def test_sample_py_is_quiet_before_its_progress_bars(tmp_path):
+  """The quick start's command prints nothing but one compile line and one bar per stage on stderr
+  (no absl/Orbax/JAX INFO lines, no transformers notices); --verbosity 0 brings the INFO lines back."""
+  command = [sys.executable, "sample.py", "--prompt", "a red circle", "--up_to", "decoder", "--prior_steps", "2",
+             "--decoder_steps", "2", "--out", str(tmp_path / "out"), "--compilation_cache", ""]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("TRANSFORMERS_VERBOSITY", None)
+  quiet = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+  assert quiet.returncode == 0, quiet.stderr[-3000:]
+  lines = [line for line in re.split(r"[\r\n]", quiet.stderr) if line.strip()]
+  assert [line for line in lines if line.startswith("compiling")] == ["compiling prior...", "compiling decoder..."]
+  assert all(re.match(r"(compiling (prior|decoder)\.\.\.|(prior|decoder): )", line) for line in lines), lines
+  verbose = subprocess.run(command + ["--verbosity", "0", "--seed", "1"], cwd=ROOT, capture_output=True, text=True,
+                           env=env)
+  assert verbose.returncode == 0 and re.search(r"^I\d{4} ", verbose.stderr, re.MULTILINE), verbose.stderr[-3000:]
 
 
 @pytest.mark.slow

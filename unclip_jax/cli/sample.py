@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from unclip_jax import cli, imaging, paths
 from unclip_jax.cli import shipped
@@ -261,6 +261,11 @@ def _absolute(path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])}")
+  # Quiet by default: absl's (Orbax's, JAX's) INFO lines and transformers' notices would come before
+  # the progress bars; --verbosity 0 brings them back.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers is imported later, with the CLIP
   mode = _MODE.value
   _check_mode_flags(mode)
   prompts = _prompts() if mode == "text" else None
