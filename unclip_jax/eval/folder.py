@@ -20,8 +20,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
+from unclip_jax import imaging
 from unclip_jax.eval import metrics
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -81,15 +81,12 @@ def captions_from_file(path: str, count: int) -> list[str]:
 
 
 def read_images(files: Sequence[str]) -> list[np.ndarray]:
-  """uint8 RGB [H, W, 3] arrays."""
-  images = []
-  for path in files:
-    try:
-      with Image.open(path) as image:
-        images.append(np.asarray(image.convert("RGB")))
-    except (OSError, ValueError) as e:
-      raise InputError(f"cannot read image {path!r}: {e}.") from None
-  return images
+  """uint8 RGB [H, W, 3] arrays, read as sample.py reads its inputs (imaging.load_image: transparency
+  composited on white)."""
+  try:
+    return [imaging.load_image(path) for path in files]
+  except imaging.ImageError as e:
+    raise InputError(str(e)) from None
 
 
 def check_clip_dir(path: str) -> None:
