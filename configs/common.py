@@ -46,9 +46,9 @@ DERIVED_UNET_FIELDS = ("in_channels", "out_channels", "low_res_channels", "text_
 
 
 def unet_model(cfg: unet_lib.UNetConfig, **extra) -> ml_collections.ConfigDict:
-  """A UNetConfig as a config's `model` (tuples as lists, the stage-derived fields left out)."""
-  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()
-            if k not in DERIVED_UNET_FIELDS}
+  """A UNetConfig as a config's `model`, the stage-derived fields left out. Tuples stay tuples, so
+  `--config.model.block_channels='(128, 256)'` overrides them from the command line."""
+  fields = {k: v for k, v in cfg.to_dict().items() if k not in DERIVED_UNET_FIELDS}
   return ml_collections.ConfigDict(dict(fields, **extra))
 
 

@@ -2,11 +2,14 @@
 variant that builds the same stage at laptop size, and every key a config sets is read."""
 
 import contextlib
+import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import common, karlo, paper, shapes
 from unclip_jax import aot
@@ -113,3 +116,20 @@ def test_every_key_a_config_sets_is_read(module, stage, tmp_path, monkeypatch):
   loop = _leaves(common.base_config(stage))
   unread = {key for key in _leaves(config) - loop if not key.startswith("data.") and not covered(key)}
   assert not unread, f"{module.__name__}:{stage} sets keys nothing reads: {sorted(unread)}"
+
+
+@pytest.mark.parametrize("module", [paper, karlo, shapes])
+def test_unet_shape_overrides_from_the_command_line(module, monkeypatch):
+  """`--config.model.block_channels='(32, 64)'` as train.py's and aot's flags parse it: the U-Net's tuple
+  fields take command-line overrides (ml_collections refuses to override a list), and the model built
+  from the overridden config has those widths."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
+  argv = ["prog", f"--config={module.__file__}:decoder,tiny", "--config.model.block_channels=(32, 64)",
+          "--config.model.attention_levels=(False, True)"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags finds the overrides in sys.argv
+  flag_values(argv)
+  config = flag_values.config
+  params = jax.eval_shape(aot.build_stage(config, TINY_CLIP).init_params, jax.random.key(0))
+  conv_widths = {x.shape[-1] for x in jax.tree.leaves(params) if x.ndim == 4}
+  assert {32, 64} <= conv_widths and max(conv_widths) == 64, conv_widths
