@@ -126,6 +126,9 @@ def main(argv):
     _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist; pass --checkpoint DIR, or --real_only "
           "--clip DIR for the real-image row alone.")
 
+  from unclip_jax import cli
+
+  cli.use_cpu_cores(_BATCH_SIZE.value)  # before JAX starts: one CPU device per core, unless XLA_FLAGS sets a count
   import jax
   import numpy as np
 
@@ -191,7 +194,8 @@ def main(argv):
               "clip": os.path.abspath(clip.path), "num_prompts": n, "data_seed": _DATA_SEED.value,
               "seed": _SEED.value, "resolution": int(resolution), "num_distractors": _NUM_DISTRACTORS.value,
               "preset": _PRESET.value, "up_to": _UP_TO.value, "prior_candidates": _CANDIDATES.value,
-              "batch_size": batch, "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+              "batch_size": batch, "device": f"{jax.local_device_count()} x {jax.devices()[0].device_kind} "
+                                                          f"({jax.default_backend()})",
               "generation_seconds": gen_seconds}
   print(f"device: {settings['device']}; CLIP: {clip.path}; {n} captions of Shapes seed {_DATA_SEED.value} "
         f"({rows['real']['num_two_object']} with two objects), {resolution}x{resolution} px, "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import shapes
-from unclip_jax import imaging, parallel, pipeline, train_loop
+from unclip_jax import cli, imaging, parallel, pipeline, train_loop
 from unclip_jax.cli import sample as sample_cli
 from unclip_jax.diffusion import schedules
 from unclip_jax.models import unet as unet_lib
@@ -175,6 +175,19 @@ def test_eight_devices_equal_one(stack_dir, pipe):
     eight = sharded.text_to_image(prompts, [1, 2, 3], FAST, up_to=up_to, as_float=True)
     assert eight.shape == one.shape
     np.testing.assert_allclose(eight, one, atol=atol, rtol=0)
+
+
+def test_cpu_devices_follow_the_cores_and_the_batch(monkeypatch):
+  """sample.py's split of a CPU host (cli.use_cpu_cores): one device per core, no more than the batch's
+  images, other XLA flags kept, and a device count the user set left alone."""
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+  environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+  assert cli.use_cpu_cores(16, environ) == 4
+  assert environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
+  assert cli.use_cpu_cores(16, environ) is None and environ["XLA_FLAGS"].count("device_count") == 1
+  environ = {}
+  assert cli.use_cpu_cores(3, environ) == 3 and environ["XLA_FLAGS"].endswith("=3")
+  assert cli.use_cpu_cores(0, {}) == 1
 
 
 def test_interpolation_end_frames_are_the_plain_decodes(pipe):

@@ -282,6 +282,9 @@ def main(argv):
   if not paths.as_path(_CHECKPOINT.value).is_dir():
     _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist.")
 
+  batch = {"text": len(prompts or []) * _NUM_IMAGES.value, "variations": _NUM_IMAGES.value,
+           "textdiff": len(thetas or [])}.get(mode, _NUM_FRAMES.value)
+  cli.use_cpu_cores(batch)  # before JAX starts: one CPU device per core, unless XLA_FLAGS sets a count
   import jax
 
   if _CACHE.value:
@@ -291,6 +294,7 @@ def main(argv):
   from unclip_jax import pipeline as pipeline_lib
 
   mesh = parallel.sampling_mesh()
+  logging.info("sampling on %d %s device(s)", jax.local_device_count(), jax.default_backend())
   try:
     pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh, progress=True)
   except pipeline_lib.CheckpointError as e:
