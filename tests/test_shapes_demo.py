@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import shapes
-from unclip_jax import checkpoints, pipeline
+from unclip_jax import checkpoints, imaging, pipeline
 from unclip_jax.eval import shapes as shapes_eval
 from unclip_jax.models import clip as clip_lib
 
@@ -53,6 +53,20 @@ def test_sample_py_is_quiet_before_its_progress_bars(tmp_path):
                            capture_output=True, text=True, env=env)
   assert verbose.returncode == 0 and re.search(r"^I\d{4} ", verbose.stderr, re.MULTILINE), verbose.stderr[-3000:]
   assert f"sampling on {min(len(os.sched_getaffinity(0)), 2)} cpu device(s)" in verbose.stderr, verbose.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sample_py_in_bfloat16_draws_the_captions_colours(tmp_path):
+  """--dtype bfloat16: the demo held and run in bfloat16 still draws the caption's colours (the
+  analyser's check), and the image's JSON records the dtype."""
+  caption = "a red circle above a blue square"
+  command = [sys.executable, "sample.py", "--prompt", caption, "--dtype", "bfloat16", "--up_to", "decoder",
+             "--out", str(tmp_path), "--compilation_cache", ""]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  png = tmp_path / "a_red_circle_above_a_blue_square_seed0.png"
+  assert shapes_eval.score_image(imaging.load_image(str(png)), caption).color
+  assert json.loads(png.with_suffix(".json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.slow

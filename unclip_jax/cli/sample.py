@@ -60,6 +60,11 @@ _PRESET = flags.DEFINE_enum("preset", None, ["karlo", "paper"],
                             "Per-stage steps and guidance (default: the checkpoint's recommended settings).")
 _UP_TO = flags.DEFINE_enum("up_to", None, list(STAGES), "Stop after this stage (e.g. decoder).")
 _CANDIDATES = flags.DEFINE_integer("prior_candidates", 2, "Prior draws per image; the best by z_t . z_i is kept.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Compute and hold the weights in this dtype (default: each stage's own, float32 for "
+                           "train.py's exports): bfloat16 halves the weights' memory (docs/karlo.md).")
+_SHARD_PARAMS = flags.DEFINE_bool("shard_params", False, "Split each weight over this host's devices (FSDP) "
+                                  "instead of a whole copy on each: for a stack that does not fit one device.")
 _CACHE = flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "unclip_jax"),
                              "JAX persistent compilation cache folder ('' to disable).")
 _STEPS = {s: flags.DEFINE_integer(f"{s}_steps", None, f"{s} sampling steps (default: the preset's).") for s in STAGES}
@@ -296,7 +301,8 @@ def main(argv):
   mesh = parallel.sampling_mesh()
   logging.info("sampling on %d %s device(s)", jax.local_device_count(), jax.default_backend())
   try:
-    pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh, progress=True)
+    pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh, progress=True,
+                                      dtype=_DTYPE.value, shard_params=_SHARD_PARAMS.value)
   except pipeline_lib.CheckpointError as e:
     _fail(str(e))
   if _INVERSION_ITERS.value is not None:
@@ -348,6 +354,8 @@ def main(argv):
     _fail(str(e))  # e.g. text from a variations-only checkpoint (no prior)
   settings = {"checkpoint": _absolute(_CHECKPOINT.value), "preset": _PRESET.value or "checkpoint",
               "up_to": up_to, "mode": mode}
+  if _DTYPE.value:  # (absent when unset, so earlier files keep their settings hash)
+    settings["dtype"] = _DTYPE.value
   if mode == "text" or _between_captions(mode):
     settings["prior_candidates"] = _CANDIDATES.value
   if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):

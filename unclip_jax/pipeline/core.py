@@ -21,12 +21,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from unclip_jax import imaging
+from unclip_jax import imaging, parallel
 from unclip_jax.diffusion import progress, samplers
 from unclip_jax.pipeline import loading
 from unclip_jax.pipeline import options as options_lib
 from unclip_jax.pipeline.options import STAGES, StageOptions
 from unclip_jax.stages import UPSAMPLERS, decoder, prior, text, upsampler
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 # Each stage's noise is drawn from fold_in(key(seed), stream): these numbers are part of every
 # sample's identity (the same seed gives the same image in every version), never to be renumbered.
@@ -58,6 +60,14 @@ def output(images, n: int, as_float: bool) -> np.ndarray:
   return images.astype(np.float32) if as_float else imaging.to_uint8(images)
 
 
+def held_in(params: dict, dtype: str) -> dict:
+  """Each stage's float params cast to dtype, but the prior's latent stats (clip_mean, clip_std: they
+  scale every z_i it returns) kept in float32."""
+  cast = lambda tree: loading.cast_floats(tree, dtype)
+  return {stage: ({k: (v if k == "stats" else cast(v)) for k, v in p.items()} if stage == "prior" else cast(p))
+          for stage, p in params.items()}
+
+
 def _pad(x, total: int):
   """A list or an array [n, ...] padded to `total` rows by repeating its last."""
   if isinstance(x, list):
@@ -85,27 +95,51 @@ class Pipeline:
   inversion_iters = 8
 
   def __init__(self, clip, params: dict, exports: dict, mesh=None, progress: bool = False,
-               default_options: dict | None = None):
-    """params, exports: per stage, its params and export record (stages/contract.py); the prior is optional."""
+               default_options: dict | None = None, dtype: str | None = None, shard_params: bool = False):
+    """params, exports: per stage, its params and export record (stages/contract.py); the prior is optional.
+
+    dtype (float32, bfloat16, float16): every stage computes in it and holds its weights in it (the
+    prior's latent stats stay float32; so do the noise schedules, which the samplers build in float32);
+    None keeps each export's own. mesh: a mesh over this process's devices to batch-split sampling
+    over (parallel.sampling_mesh). shard_params: each weight FSDP-split over those devices (all local
+    devices without a mesh) instead of whole on each, for stacks that do not fit one device; XLA
+    gathers each layer's weights as it runs (activations stay batch-split).
+    """
+    if dtype is not None:
+      if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+      params = held_in(params, dtype)
+      exports = {stage: export.with_dtype(dtype) for stage, export in exports.items()}
+    if shard_params:  # the batch over every device as before, each weight over the "fsdp" axis
+      devices = jax.local_devices() if mesh is None else list(mesh.devices.flat)
+      mesh = parallel.make_mesh({"data": 1, "fsdp": -1}, devices=devices)
     self.clip = clip
     self.params = params
     self.exports = exports
     self.mesh = mesh
+    self.shard_params = shard_params
     self.progress = progress
     # The checkpoint's recommended settings over Karlo's (text_to_image etc. use them when options is None).
     self.default_options = options_lib.over_karlo(default_options)
     self.uncond = text.unconditional(clip)
-    if mesh is not None:  # params and the unconditional text on every device
-      replicated = NamedSharding(mesh, P())
-      self.params, self.uncond = jax.device_put((self.params, self.uncond), replicated)
+    if mesh is not None:  # the unconditional text on every device; params on every device, or split
+      shardings = (parallel.param_shardings(self.params, mesh) if shard_params
+                   else jax.tree.map(lambda _: NamedSharding(mesh, P()), self.params))
+      self.params = jax.device_put(self.params, shardings)
+      self.uncond = jax.device_put(self.uncond, NamedSharding(mesh, P()))
     self._compiled = {}
 
   @classmethod
-  def load(cls, path: str, clip_dir: str | None = None, mesh=None, progress: bool = False) -> "Pipeline":
+  def load(cls, path: str, clip_dir: str | None = None, mesh=None, progress: bool = False, dtype: str | None = None,
+           shard_params: bool = False) -> "Pipeline":
     """Reads CHECKPOINT/pipeline.json, its CLIP and each stage's export (loading.py); clear errors
-    (CheckpointError) if any is missing. path (and clip_dir) may be a URI: gs://, file://."""
+    (CheckpointError) if any is missing. path (and clip_dir) may be a URI: gs://, file://. dtype,
+    shard_params: see __init__."""
+    if dtype is not None and dtype not in DTYPES:  # before reading anything
+      raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     clip, params, exports, default_options = loading.read_checkpoint(path, clip_dir)
-    return cls(clip, params, exports, mesh=mesh, progress=progress, default_options=default_options)
+    return cls(clip, params, exports, mesh=mesh, progress=progress, default_options=default_options, dtype=dtype,
+               shard_params=shard_params)
 
   @property
   def stages(self) -> tuple[str, ...]:
@@ -127,11 +161,15 @@ class Pipeline:
     whole loop, or with progress a step per call under a bar named `name`."""
     if key not in self._compiled:
       fn, announce = build(), self.progress
+      split_weights_mesh = self.mesh if self.shard_params else None  # (not self: the cache must not hold it)
 
       def chain(*args, part=None, **kwargs):
         if announce:
           progress.announce_compile(name, part)  # runs as JAX traces: before each compile
-        return fn(*args, part=part, **kwargs)
+        if split_weights_mesh is None:
+          return fn(*args, part=part, **kwargs)
+        with parallel.activation_sharding(split_weights_mesh):  # gather the split weights, not the activations
+          return fn(*args, part=part, **kwargs)
 
       self._compiled[key] = jax.jit(chain)
     jitted = self._compiled[key]

@@ -31,7 +31,8 @@ class CheckpointError(ValueError):
   """An inference checkpoint is missing or does not fit the pipeline."""
 
 
-def _cast_floats(tree, dtype):
+def cast_floats(tree, dtype):
+  """The tree's floating-point leaves as numpy arrays of dtype (a name numpy or ml_dtypes knows)."""
   return jax.tree.map(lambda x: np.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else x, tree)
 
 
@@ -47,7 +48,7 @@ def read_stage(folder: str, stage: str) -> tuple[dict, contract.StageExport]:
     export = contract.read(config)
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{folder!r}: its config.json does not describe a {stage} export: {e}") from e
-  return _cast_floats(params, np.float32), export
+  return cast_floats(params, np.float32), export
 
 
 def check_clip_fits(exports: dict, clip, clip_path: str):
@@ -145,7 +146,7 @@ def assemble(path: str, options: dict | None = None, param_dtype: str | None = N
       paths.copy_tree(folder, root / name)
     else:
       params, config = checkpoints.load_inference(folder)
-      checkpoints.export_inference(root / name, _cast_floats(params, param_dtype), config)
+      checkpoints.export_inference(root / name, cast_floats(params, param_dtype), config)
   (root / PIPELINE_FILE).write_text(json.dumps(layout, indent=2))
   return path
 
