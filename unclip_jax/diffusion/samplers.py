@@ -9,6 +9,7 @@ some of the chain's steps instead, so that the host can draw progress between
 calls (progress.run_chain).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -117,7 +118,8 @@ def ddim_step(schedule: Schedule, i, x_t, model_output, noise, *, eta: float = 0
 def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, sampler: str = "ddpm",
            eta: float = 0.0, prediction_type: str = "eps", variance_type: str = "fixed_small",
            clip_range: float | None = None, dynamic_threshold: float | None = None,
-           step_noise=None, finish: Callable | None = None, part: Part | None = None):
+           step_noise=None, finish: Callable | None = None, part: Part | None = None, known=None,
+           resample_steps: int = 1):
   """Runs the reverse chain from x_T (or fresh noise of `shape`) to x_0; returns finish(x_0)
   (default x_0), or with a `part` (state, finish(x)) after the part's steps.
 
@@ -131,9 +133,21 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
   sampler "dpmpp_2m" / "dpmpp_3m" is multistep DPM-Solver++ (`dpm_solver`):
   deterministic like DDIM with eta = 0 (no draws; eta and step_noise unused),
   second / third order on the clamped x_0 prediction, for fewer steps.
+
+  known = (x0_known, keep) inpaints (RePaint, Lugmayr et al. 2022): keep [B, ..., 1] (or x's shape)
+  is 1 where x0_known [B, ...] is kept, 0 where the chain paints. After every step the kept part of
+  x_{t-1} is x0_known noised to the step's level (q(x_{t-1} | x_0), fresh noise), so the chain ends
+  on x0_known exactly there; resample_steps = U > 1 takes each step U times, going back to its
+  noise level (q(x_t | x_{t-1}), fresh noise) between takes, so the painted part agrees with the
+  kept one (RePaint's jump length 1). DDPM and DDIM only: DPM-Solver++'s multistep history would
+  not follow the replaced pixels.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampler {sampler!r}; expected one of {SAMPLERS}.")
+  if known is not None and sampler in dpm_solver.ORDERS:
+    raise ValueError(f"Inpainting samples with ddpm or ddim, not {sampler}.")
+  if resample_steps < 1 or (resample_steps > 1 and known is None):
+    raise ValueError(f"resample_steps is for inpainting (known=...) and at least 1, got {resample_steps}.")
   _, step_rng = _split(rng)
   if x_T is None and shape is None:
     raise ValueError("Pass x_T or shape.")
@@ -152,8 +166,36 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, x_T=None, *, shape=None, 
     # Earlier x_0 estimates ride in the carry, in the schedule's precision at least.
     return x, dpm_solver.init_history(x, order, jnp.result_type(x.dtype, schedule.alphas_cumprod.dtype))
 
+  def take(x, i, noise, known_noise):
+    """One step x_t -> x_{t-1} at index i, the kept part replaced by x0_known at x_{t-1}'s level."""
+    out = model_fn(x, jnp.broadcast_to(schedule.timesteps[i], (x.shape[0],)))
+    step = ddpm_step if sampler == "ddpm" else functools.partial(ddim_step, eta=eta)
+    x, _ = step(schedule, i, x, out, noise, **kwargs)
+    x0_known, keep = known
+    abar_prev = gaussian.extract(schedule.alphas_cumprod_prev, _step_index(i, x), x.ndim)
+    noised = jnp.sqrt(abar_prev) * x0_known + jnp.sqrt(1.0 - abar_prev) * known_noise
+    return keep * noised + (1 - keep) * x
+
+  def repaint(x, k):
+    """Step index i taken resample_steps times, back to its level between takes."""
+    i = num_steps - 1 - k
+    base = _fold_in(step_rng, k)
+    abar = gaussian.extract(schedule.alphas_cumprod, _step_index(i, x), x.ndim)
+    abar_prev = gaussian.extract(schedule.alphas_cumprod_prev, _step_index(i, x), x.ndim)
+
+    def one(x, u):
+      draw = lambda purpose: normal(_fold_in(base, 3 * u + purpose), x.shape, x.dtype)
+      x_prev = take(x, i, draw(0), draw(1))
+      back = jnp.sqrt(abar / abar_prev) * x_prev + jnp.sqrt(1.0 - abar / abar_prev) * draw(2)
+      return jnp.where(u < resample_steps - 1, back, x_prev), None
+
+    x, _ = jax.lax.scan(one, x, jnp.arange(resample_steps))
+    return x
+
   def body(carry, k):
     x, history = carry
+    if known is not None:
+      return (repaint(x, k), history), None
     i = num_steps - 1 - k
     t = jnp.broadcast_to(schedule.timesteps[i], (x.shape[0],))
     out = model_fn(x, t)
