@@ -211,6 +211,29 @@ def test_a_pipeline_held_in_a_narrower_dtype(stack_dir, pipe, dtype):
     pipeline.Pipeline.load(stack_dir, dtype="int8")
 
 
+def test_inpainting_keeps_the_pixels_outside_the_mask(pipe):
+  """pipeline.inpaint: at every stage's resolution the kept pixels are the image's (its centre square
+  resized), so the final image equals the input outside the mask (after the same resize), and the
+  painted part differs between seeds. A mask of another size, an empty mask and DPM-Solver are
+  one-line errors."""
+  mask = np.zeros(IMAGE_A.shape[:2], np.uint8)
+  mask[:12] = 255  # repaint the top half
+  for up_to in ("decoder", None):
+    out = pipeline.inpaint(pipe, IMAGE_A, mask, "a blue square", [3, 4], FAST, resample_steps=2, up_to=up_to)
+    size = out.shape[1]
+    expected = imaging.square(IMAGE_A, size)[0]
+    kept = imaging.square(np.repeat(mask[..., None], 3, -1), size)[0, ..., 0] < 128
+    assert kept.any() and (~kept).any()
+    np.testing.assert_array_equal(out[:, kept], np.broadcast_to(expected[kept], out[:, kept].shape))
+    assert np.abs(out[0, ~kept].astype(int) - out[1, ~kept]).mean() > 1
+  with pytest.raises(pipeline.InputError, match="same size"):
+    pipeline.inpaint(pipe, IMAGE_A, mask[:10], "a blue square", [0], FAST)
+  with pytest.raises(pipeline.InputError, match="no white pixels"):
+    pipeline.inpaint(pipe, IMAGE_A, np.zeros_like(mask), "a blue square", [0], FAST)
+  with pytest.raises(pipeline.InputError, match="ddpm or ddim"):
+    pipeline.inpaint(pipe, IMAGE_A, mask, "a blue square", [0], dict(FAST, decoder={"sampler": "dpmpp_2m"}))
+
+
 def test_cpu_devices_follow_the_cores_and_the_batch(monkeypatch):
   """sample.py's split of a CPU host (cli.use_cpu_cores): one device per core, no more than the batch's
   images, other XLA flags kept, and a device count the user set left alone."""

@@ -10,15 +10,22 @@ interpolations and text diffs of images.
 By job: options.py (StageOptions per stage, presets, what each mode samples
 with), loading.py (the checkpoint layout, reading and assembling one),
 core.py (the Pipeline: prior (text to z_i), decode, invert, compiled loops, devices),
-applications.py (variations, interpolate, interpolate_captions, text_diff). The stages build their
+applications.py (variations, interpolate, interpolate_captions, text_diff, inpaint). The stages build their
 own sampling loops from their exports (unclip_jax/stages/contract.py).
 """
 
-from unclip_jax.pipeline.applications import InputError, interpolate, interpolate_captions, text_diff, variations
+from unclip_jax.pipeline.applications import (
+           InputError,
+           inpaint,
+           interpolate,
+           interpolate_captions,
+           text_diff,
+           variations,
+)
 from unclip_jax.pipeline.core import RNG_STREAMS, Pipeline, stage_keys
 from unclip_jax.pipeline.loading import PIPELINE_FILE, CheckpointError, assemble
 from unclip_jax.pipeline.options import PRESETS, STAGES, StageOptions, stage_options
 
 __all__ = ["PIPELINE_FILE", "PRESETS", "RNG_STREAMS", "STAGES", "CheckpointError", "InputError", "Pipeline",
-           "StageOptions", "assemble", "interpolate", "interpolate_captions", "stage_keys", "stage_options",
+           "StageOptions", "assemble", "inpaint", "interpolate", "interpolate_captions", "stage_keys", "stage_options",
            "text_diff", "variations"]

@@ -7,6 +7,7 @@ pipeline's default_options; the decoder as Pipeline.options_for(mode) says) and
 returns uint8 images, or floats in [-1, 1] with as_float=True.
 """
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -119,3 +120,45 @@ def text_diff(pipe: Pipeline, image, source_prompt: str, target_prompt: str, the
   out = pipe.decode(slerp(z_i, z_d.astype(np.float32), thetas), "", [seed] * len(thetas), options,
                     x_T=np.repeat(x_T, len(thetas), axis=0), up_to=up_to)
   return output(out, len(thetas), as_float)
+
+
+def read_mask(mask, size: tuple[int, int]) -> np.ndarray:
+  """bool [H, W], True where painted, from a mask image (path or array [H, W] / [H, W, C]) of the
+  image's size: white (>= 128) is painted, black kept."""
+  if isinstance(mask, (str, os.PathLike)):
+    mask = imaging.load_image(mask)
+  mask = np.asarray(mask)
+  if mask.ndim == 3:
+    mask = mask[..., :3].mean(axis=-1)
+  if mask.shape != tuple(size):
+    raise InputError(f"The mask is {mask.shape[1]}x{mask.shape[0]} px, the image {size[1]}x{size[0]}: they must "
+                     "be the same size.")
+  painted = mask >= 128
+  if not painted.any():
+    raise InputError("The mask has no white pixels: nothing to repaint (white is repainted, black kept).")
+  return painted
+
+
+def inpaint(pipe: Pipeline, image, mask, prompt: str, seeds: Sequence[int], options: dict | None = None,
+            resample_steps: int = 5, num_candidates: int = 2, up_to: str | None = None,
+            as_float: bool = False) -> np.ndarray:
+  """The image with its mask's white pixels repainted after `prompt`, one result per seed
+  [len(seeds), R, R, 3]: z_i from the prior (the prompt, each seed), then the decoder (with the
+  caption) and the upsamplers keep the image outside the mask and paint the rest (decode's known=,
+  RePaint with resample_steps takes per step), so the result equals the image there (its centre
+  square at each stage's resolution). Inpainting samples with DDPM or DDIM."""
+  images = _one_image(image, "inpaint takes one image, got {}.")
+  painted = read_mask(mask, images.shape[1:3])
+  options = pipe.options_for("inpaint", options)
+  deterministic = [s for s in ("decoder", "sr1", "sr2") if s in pipe.stages and options[s].sampler not in
+                   ("ddpm", "ddim")]
+  if deterministic:
+    raise InputError(f"Inpainting samples with ddpm or ddim, not {options[deterministic[0]].sampler} "
+                     f"({deterministic[0]}).")
+  if resample_steps < 1:
+    raise InputError(f"resample_steps must be at least 1, got {resample_steps}.")
+  seeds = list(seeds)
+  z_i = pipe.prior([prompt] * len(seeds), seeds, options, num_candidates=num_candidates)
+  known = (np.repeat(images, len(seeds), axis=0), np.repeat(painted[None], len(seeds), axis=0))
+  out = pipe.decode(z_i, prompt, seeds, options, up_to=up_to, known=known, resample_steps=resample_steps)
+  return output(out, len(seeds), as_float)

@@ -12,6 +12,7 @@ which all its noise (x_T and every step, in every stage) is drawn, so an
 image does not depend on the batch it is drawn in or on the number of devices.
 """
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -183,18 +184,20 @@ class Pipeline:
     return self._loop("prior", ("prior", options, num_candidates), options.num_steps,
                       lambda: prior.sampler_from_export(self.exports["prior"], options, num_candidates=num_candidates))
 
-  def _decoder_fn(self, options: StageOptions):
-    return self._loop("decoder", ("decoder", options), options.num_steps,
-                      lambda: decoder.sampler_from_export(self.exports["decoder"], options))
+  def _decoder_fn(self, options: StageOptions, resample_steps: int = 1):
+    return self._loop("decoder", ("decoder", options, resample_steps), options.num_steps,
+                      lambda: functools.partial(decoder.sampler_from_export(self.exports["decoder"], options),
+                                                resample_steps=resample_steps))
 
   def _invert_fn(self, options: StageOptions, fixed_point_iters: int):
     return self._loop("inversion", ("invert", options, fixed_point_iters), options.num_steps,
                       lambda: decoder.inverter_from_export(self.exports["decoder"], options,
                                                            fixed_point_iters=fixed_point_iters))
 
-  def _upsampler_fn(self, stage: str, options: StageOptions):
-    return self._loop(stage, (stage, options), options.num_steps,
-                      lambda: upsampler.sampler_from_export(self.exports[stage], options))
+  def _upsampler_fn(self, stage: str, options: StageOptions, resample_steps: int = 1):
+    return self._loop(stage, (stage, options, resample_steps), options.num_steps,
+                      lambda: functools.partial(upsampler.sampler_from_export(self.exports[stage], options),
+                                                resample_steps=resample_steps))
 
   # -- batches over devices -----------------------------------------------------------------------
 
@@ -252,7 +255,7 @@ class Pipeline:
   # -- the decoder half: z_i (+ caption) -> image -------------------------------------------------
 
   def decode(self, z_i, prompts: str | Sequence[str], seeds: Sequence[int], options: dict | None = None,
-             x_T=None, up_to: str | None = None) -> np.ndarray:
+             x_T=None, up_to: str | None = None, known=None, resample_steps: int = 1) -> np.ndarray:
     """Float images [N, R, R, 3] in [-1, 1] decoded from CLIP image embeddings z_i [N, D].
 
     prompts: the decoder's caption per image, or one for all ("" = none, as in
@@ -260,6 +263,11 @@ class Pipeline:
     [N, r, r, 3] at the decoder's resolution r is given) and every sampler
     step of every stage. options: as in text_to_image, used as given (no mode
     adjustments; see options_for).
+
+    known = (images uint8 [N, H, W, 3], masks bool [N, H, W], True where painted) inpaints: every
+    stage keeps each image's pixels outside its mask (at the stage's resolution: the image's centre
+    square, resized) and paints the rest (samplers.sample's RePaint, each step taken resample_steps
+    times), so the output equals the image there.
     """
     z_i = np.asarray(z_i, np.float32)
     n = len(z_i)
@@ -271,20 +279,40 @@ class Pipeline:
     encoding = self.clip.encode_text(_pad(prompts, total))
     if x_T is not None:
       x_T = _pad(np.asarray(x_T, np.float32), total)
-    images = self._decode(_pad(z_i, total), encoding, _pad(list(seeds), total), options, x_T, up_to)
+    if known is not None:
+      known_images, masks = read_images(known[0]), np.asarray(known[1], bool)
+      if len(known_images) != n or masks.shape != known_images.shape[:3]:
+        raise ValueError(f"known: {len(known_images)} images {known_images.shape[1:3]} and masks {masks.shape} "
+                         f"for {n} embeddings; one image and one mask of its size per embedding.")
+      known = (_pad(known_images, total), _pad(masks, total))
+    images = self._decode(_pad(z_i, total), encoding, _pad(list(seeds), total), options, x_T, up_to, known,
+                          resample_steps)
     return np.asarray(images)[:n]
 
-  def _decode(self, z_i, encoding, seeds, options: dict, x_T, up_to: str | None):
+  def _known(self, known, size: int) -> dict:
+    """The samplers' known=(x0, keep) at a stage's resolution, for known=(images, masks) (or none)."""
+    if known is None:
+      return {}
+    images, masks = known
+    x0 = imaging.to_model_range(imaging.square(images, size))
+    mask = imaging.square(np.repeat(masks[..., None].astype(np.uint8) * 255, 3, axis=-1), size)
+    keep = (mask[..., :1] < 128).astype(np.float32)
+    return {"known": self._shard((x0, keep))}
+
+  def _decode(self, z_i, encoding, seeds, options: dict, x_T, up_to: str | None, known=None, resample_steps: int = 1):
     """decode on a batch already padded to the devices."""
     cond = self._shard(dict(text.conditioning(encoding), z_i=z_i))
-    images = self._decoder_fn(options["decoder"])(
+    steps = resample_steps if known is not None else 1
+    images = self._decoder_fn(options["decoder"], steps)(
         self.params["decoder"], rng=self._shard(stage_keys(seeds, "decoder")), cond=cond, uncond=self.uncond,
-        guidance_scale=options["decoder"].guidance_scale, x_T=None if x_T is None else self._shard(x_T))
+        guidance_scale=options["decoder"].guidance_scale, x_T=None if x_T is None else self._shard(x_T),
+        **self._known(known, self.decoder_resolution))
     for stage in UPSAMPLERS:
       if up_to in STAGES[:STAGES.index(stage)] or stage not in self.params:
         break
-      images = self._upsampler_fn(stage, options[stage])(
-          self.params[stage], rng=self._shard(stage_keys(seeds, stage)), low_res=images)
+      images = self._upsampler_fn(stage, options[stage], steps)(
+          self.params[stage], rng=self._shard(stage_keys(seeds, stage)), low_res=images,
+          **self._known(known, self.exports[stage].resolution))
     return images
 
   def initial_noise(self, seeds: Sequence[int]) -> np.ndarray:

@@ -17,7 +17,7 @@ PRESETS = {
               "decoder": StageOptions(25, "ddpm", guidance_scale=8.0),
               "sr1": StageOptions(7, "ddpm"), "sr2": StageOptions(7, "ddpm")},
 }
-MODES = ("text", "variations", "interpolate", "textdiff")
+MODES = ("text", "variations", "interpolate", "textdiff", "inpaint")
 
 
 def stage_options(stage: str, fields, base: StageOptions | None = None) -> StageOptions:
@@ -53,7 +53,7 @@ def for_mode(mode: str, options: dict | None, defaults: dict) -> dict:
     its z_i and x_T.
   """
   if mode not in MODES:
-    raise ValueError(f"Unknown mode {mode!r}; expected text, variations, interpolate or textdiff.")
+    raise ValueError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
   options = options or {}
   resolved = dict(defaults)
   resolved.update({stage: stage_options(stage, fields, resolved[stage]) for stage, fields in options.items()})
