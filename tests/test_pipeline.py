@@ -562,3 +562,41 @@ def test_sample_py_interpolates_between_two_captions(pipe, tmp_path, monkeypatch
     assert meta["frame"] == k and meta["theta"] == [0.0, 0.5, 1.0][k] and meta["prior_candidates"] == 2
     assert meta["options"]["prior"] == dataclasses.asdict(FAST["prior"])
     assert meta["options"]["decoder"]["sampler"] == "ddim"
+
+
+def test_sample_py_inpaints(pipe, tmp_path, monkeypatch):
+  """--mode inpaint --image --mask --prompt: pipeline.inpaint's images, with the mask and resample_steps
+  recorded; a missing --mask is a one-line error."""
+  from absl import flags
+  from PIL import Image
+
+  import sample
+
+  monkeypatch.setattr(pipeline.Pipeline, "load", lambda *args, **kwargs: pipe)
+  mask = np.zeros(IMAGE_A.shape[:2], np.uint8)
+  mask[:, :12] = 255
+  Image.fromarray(IMAGE_A).save(tmp_path / "a.png")
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  out = tmp_path / "out"
+  common = ["--prompt", "a blue square", "--image", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path),
+            "--out", str(out), "--compilation_cache", ""]
+  for argv, error in ((["--mode", "inpaint"] + common, "--mode=inpaint needs --mask"),
+                      (["--mode", "inpaint", "--mask", str(tmp_path / "mask.png"), "--num_images", "2", "--seed", "7",
+                        "--resample_steps", "2", "--prior_steps", "3", "--prior_sampler", "ddpm", "--prior_guidance",
+                        "4", "--decoder_steps", "3", "--decoder_sampler", "ddpm", "--decoder_guidance", "3",
+                        "--up_to", "decoder"] + common, None)):
+    flags.FLAGS(["sample.py"] + argv)
+    try:
+      if error:
+        with pytest.raises(SystemExit, match=error):
+          sample.main(["sample.py"])
+      else:
+        sample.main(["sample.py"])
+    finally:
+      flags.FLAGS.unparse_flags()
+  expected = pipeline.inpaint(pipe, IMAGE_A, mask, "a blue square", [7, 8], FAST, resample_steps=2, up_to="decoder")
+  for k, seed in enumerate((7, 8)):
+    path = out / f"a_blue_square_inpaint_a_seed{seed}.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), expected[k])
+    meta = json.load(open(path.with_suffix(".json")))
+    assert meta["mask"] == str(tmp_path / "mask.png") and meta["resample_steps"] == 2 and meta["mode"] == "inpaint"

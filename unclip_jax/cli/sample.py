@@ -5,6 +5,7 @@
   unclip-sample --mode interpolate --image a.png --image2 b.png --num_frames 8
   unclip-sample --mode interpolate --prompt "a red circle" --prompt2 "a blue square" --num_frames 8
   unclip-sample --mode textdiff --image a.png --prompt "a red circle" --prompt2 "a blue circle"
+  unclip-sample --mode inpaint --image a.png --mask mask.png --prompt "a green triangle" --num_images 4
 
 (`python sample.py ...` from a checkout is the same program.) With no --checkpoint
 the shipped Shapes demo model is used. Writes one PNG per
@@ -43,9 +44,13 @@ _OUT = flags.DEFINE_string("out", "samples", "Output folder (a local path, or a 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", DEMO_CHECKPOINT, "Inference checkpoint folder (a local path, or a "
                                   "gs:// or file:// URI; default: the shipped Shapes demo model).")
 _CLIP = flags.DEFINE_string("clip", None, "CLIP folder (default: the checkpoint's own).")
-_MODE = flags.DEFINE_enum("mode", "text", ["text", "variations", "interpolate", "textdiff"], "What to make.")
+_MODE = flags.DEFINE_enum("mode", "text", ["text", "variations", "interpolate", "textdiff", "inpaint"], "What to make.")
 _IMAGE = flags.DEFINE_string("image", None, "Input image file (variations, interpolate, textdiff).")
 _IMAGE2 = flags.DEFINE_string("image2", None, "Second image file (interpolate).")
+_MASK = flags.DEFINE_string("mask", None, "inpaint: a mask image of --image's size; white pixels are repainted after "
+                            "--prompt, black ones kept.")
+_RESAMPLE = flags.DEFINE_integer("resample_steps", 5, "inpaint: RePaint's takes of each sampling step (1: replace "
+                                 "the kept pixels only; more: the repainted part agrees better with the rest).")
 _PROMPT2 = flags.DEFINE_string("prompt2", None, "Target caption (textdiff; --prompt is the source caption), or the "
                                "second caption (interpolate between --prompt's and --prompt2's z_i).")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 5, "Frames (interpolate), or thetas over [0, --max_theta] (textdiff).")
@@ -118,12 +123,15 @@ def _check_mode_flags(mode: str):
   interpolate = ([_PROMPT2], [_IMAGE, _IMAGE2, _PROMPTS_FILE]) if _between_captions(mode) else (
       [_IMAGE, _IMAGE2], [_PROMPT2, _PROMPT, _PROMPTS_FILE])
   needs = {"text": [], "variations": [_IMAGE], "interpolate": interpolate[0],
-           "textdiff": [_IMAGE, _PROMPT2]}[mode]
+           "textdiff": [_IMAGE, _PROMPT2], "inpaint": [_IMAGE, _MASK]}[mode]
   for flag in needs:
     if flag.value is None:
       _fail(f"--mode={mode} needs --{flag.name}.")
   unused = {"text": [_IMAGE, _IMAGE2, _PROMPT2], "variations": [_IMAGE2, _PROMPT2, _PROMPT, _PROMPTS_FILE],
-            "interpolate": interpolate[1], "textdiff": [_IMAGE2, _PROMPTS_FILE]}[mode]
+            "interpolate": interpolate[1], "textdiff": [_IMAGE2, _PROMPTS_FILE],
+            "inpaint": [_IMAGE2, _PROMPT2, _PROMPTS_FILE]}[mode]
+  if mode != "inpaint":
+    unused += [_MASK, _RESAMPLE]
   if mode != "text":
     unused.append(_UNCONDITIONAL)
   for flag in unused:
@@ -142,6 +150,11 @@ def _check_mode_flags(mode: str):
     if len(_PROMPT.value) != 1 or not _PROMPT.value[0].strip() or not _PROMPT2.value.strip():
       _fail("--mode=textdiff needs one non-empty --prompt (the image's caption) and a non-empty --prompt2 "
             "(the caption to move toward).")
+  if mode == "inpaint":
+    if len(_PROMPT.value) != 1 or not _PROMPT.value[0].strip():
+      _fail("--mode=inpaint needs one non-empty --prompt: what to paint where the mask is white.")
+    if _RESAMPLE.value < 1:
+      _fail(f"--resample_steps must be at least 1, got {_RESAMPLE.value}.")
   if mode in ("interpolate", "textdiff") and _SAMPLERS["decoder"].value not in (None, "ddim"):
     _fail(f"--mode={mode} decodes with DDIM (eta 0) from a fixed or inverted x_T; drop --decoder_sampler.")
   if mode == "interpolate" and _NUM_FRAMES.value < 2:
@@ -277,8 +290,9 @@ def main(argv):
   if _NUM_IMAGES.value < 1:
     _fail("--num_images must be at least 1.")
   thetas = _thetas() if mode == "textdiff" else None
-  _check_seeds({"text": len(prompts or []) * _NUM_IMAGES.value, "variations": _NUM_IMAGES.value}.get(mode, 1))
-  images = {flag.name: _image(flag) for flag in (_IMAGE, _IMAGE2) if flag.value is not None}
+  _check_seeds({"text": len(prompts or []) * _NUM_IMAGES.value, "variations": _NUM_IMAGES.value,
+                "inpaint": _NUM_IMAGES.value}.get(mode, 1))
+  images = {flag.name: _image(flag) for flag in (_IMAGE, _IMAGE2, _MASK) if flag.value is not None}
   problem = paths.output_folder_problem("out", _OUT.value)
   if problem:
     _fail(problem)
@@ -288,7 +302,7 @@ def main(argv):
     _fail(f"checkpoint folder {_CHECKPOINT.value!r} does not exist.")
 
   batch = {"text": len(prompts or []) * _NUM_IMAGES.value, "variations": _NUM_IMAGES.value,
-           "textdiff": len(thetas or [])}.get(mode, _NUM_FRAMES.value)
+           "inpaint": _NUM_IMAGES.value, "textdiff": len(thetas or [])}.get(mode, _NUM_FRAMES.value)
   cli.use_cpu_cores(batch)  # before JAX starts: one CPU device per core, unless XLA_FLAGS sets a count
   import jax
 
@@ -321,6 +335,14 @@ def main(argv):
       jobs = [("", s) for s in seeds]
       extras = [{"image": _absolute(_IMAGE.value)} for _ in seeds]
       names = [f"{slug(_stem(_IMAGE.value))}_variation_seed{s}" for s in seeds]
+    elif mode == "inpaint":
+      prompt, seeds = _PROMPT.value[0], [seed + j for j in range(_NUM_IMAGES.value)]
+      out = pipeline_lib.inpaint(pipe, images["image"], images["mask"], prompt, seeds, options,
+                                 resample_steps=_RESAMPLE.value, num_candidates=_CANDIDATES.value, up_to=up_to)
+      jobs = [(prompt, s) for s in seeds]
+      extras = [{"image": _absolute(_IMAGE.value), "mask": _absolute(_MASK.value), "resample_steps": _RESAMPLE.value}
+                for _ in seeds]
+      names = [f"{slug(prompt)}_inpaint_{slug(_stem(_IMAGE.value))}_seed{s}" for s in seeds]
     elif _between_captions(mode):
       frames, (first, second) = _NUM_FRAMES.value, (_PROMPT.value[0], _PROMPT2.value)
       out = pipeline_lib.interpolate_captions(pipe, first, second, frames, seed=seed, options=options,
@@ -356,12 +378,12 @@ def main(argv):
               "up_to": up_to, "mode": mode}
   if _DTYPE.value:  # (absent when unset, so earlier files keep their settings hash)
     settings["dtype"] = _DTYPE.value
-  if mode == "text" or _between_captions(mode):
+  if mode in ("text", "inpaint") or _between_captions(mode):
     settings["prior_candidates"] = _CANDIDATES.value
   if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):
     settings["inversion_iters"] = pipe.inversion_iters
   # The image applications start at z_i; text and caption interpolation sample it with the prior.
-  used = {s: o for s, o in options.items() if mode == "text" or _between_captions(mode) or s != "prior"}
+  used = {s: o for s, o in options.items() if mode in ("text", "inpaint") or _between_captions(mode) or s != "prior"}
   try:
     written = write_outputs(_OUT.value, out, jobs, used, settings, extras=extras, names=names, grid_columns=columns)
   except OSError as e:  # --out was checked before sampling, but a disk fills and a bucket refuses
