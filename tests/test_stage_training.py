@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from configs import shapes
-from unclip_jax import checkpoints, parallel, train_loop, training
+from unclip_jax import checkpoints, parallel, resume, train_loop, training
 from unclip_jax.convert import scan_layout
 from unclip_jax.data import batches as data_batches
 from unclip_jax.data import ordering
@@ -293,7 +293,7 @@ def test_resume_converts_a_checkpoint_of_the_other_scan_layout(tmp_path, shapes_
   mesh = parallel.make_mesh(dict(config.mesh))
   state_shapes = jax.eval_shape(lambda r: training.init_state(plain_stage.init_params, tx, r), jax.random.key(0))
   abstract = training.with_shardings(state_shapes, training.state_shardings(state_shapes, mesh))
-  restored, meta = train_loop.restore_in_any_layout(ckpt, abstract, plain_stage.model_config, mesh)
+  restored, meta = resume.restore_in_any_layout(ckpt, abstract, plain_stage.model_config, mesh)
   ckpt.close()
   assert meta == {"position": 0}
   assert_converted(restored, scanned, lambda p: scan_layout.to_unscanned(p, plain_stage.model_config))

@@ -14,7 +14,7 @@ from absl import flags
 from toy_stage import ToyStage, toy_batches, toy_config
 
 from configs import shapes
-from unclip_jax import checkpoints, train_loop
+from unclip_jax import checkpoints, resume, train_loop
 from unclip_jax.cli import train as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def test_host_only_config_changes_resume(tmp_path):
   saved["model"]["retired_key"] = 1
   _write_checkpoint(tmp_path, saved)
   train_loop.check_before_training(shapes.get_config("prior,tiny"), str(tmp_path))
-  with pytest.raises(train_loop.ResumeError, match=r"\(stage \"prior\" -> \"decoder\""):
+  with pytest.raises(resume.ResumeError, match=r"\(stage \"prior\" -> \"decoder\""):
     train_loop.check_before_training(shapes.get_config("decoder,tiny"), str(tmp_path))
 
 
@@ -198,7 +198,7 @@ def test_no_checkpoint_restores_is_one_line_and_moves_nothing(tmp_path):
   for step in steps:
     _truncate_all(run / "checkpoints" / str(step))
   before = sorted(os.listdir(run / "checkpoints"))
-  with pytest.raises(train_loop.ResumeError) as error:
+  with pytest.raises(resume.ResumeError) as error:
     train_loop.train(toy_config(6), str(run), ToyStage(), toy_batches)
   message = str(error.value)
   assert "\n" not in message and message.startswith(f"no checkpoint in {run / 'checkpoints'} restores (step 3: ")
@@ -208,6 +208,6 @@ def test_no_checkpoint_restores_is_one_line_and_moves_nothing(tmp_path):
 def test_changed_model_stops_the_resume_before_restoring(tmp_path):
   run = tmp_path / "run"
   train_loop.train(toy_config(3, model={"hidden": 0}), str(run), ToyStage(), toy_batches)
-  with pytest.raises(train_loop.ResumeError, match=r"step 3 .* another model config \(model.hidden 0 -> 4\)"):
+  with pytest.raises(resume.ResumeError, match=r"step 3 .* another model config \(model.hidden 0 -> 4\)"):
     train_loop.train(toy_config(6, model={"hidden": 4}), str(run), ToyStage(hidden=4), toy_batches)
   assert sorted(os.listdir(run / "checkpoints")) == ["1", "3"]  # nothing skipped or moved

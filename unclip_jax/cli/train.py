@@ -96,7 +96,7 @@ def main(argv):
     sys.exit("error: --config and --workdir are required, e.g. "
              f"{cli.command('train.py')} --config configs/shapes.py:clip --workdir runs/shapes/clip")
   with cli.needs_extra():
-    from unclip_jax import init_from, parallel, train_loop
+    from unclip_jax import init_from, parallel, resume, train_loop
 
   distributed = distributed_args()
   if distributed is not None:
@@ -114,11 +114,11 @@ def main(argv):
     train_loop.make_optimizer(config)
     with cli.needs_extra():  # e.g. tensorflow-datasets, imported only for data.kind=tfds
       stage, batches = build.build(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train_loop.ResumeError) as e:
+  except (ValueError, FileNotFoundError, resume.ResumeError) as e:
     sys.exit(f"error: {e}")
   try:
     train_loop.train(config, _WORKDIR.value, stage, batches)
-  except (train_loop.TrainingDiverged, train_loop.ResumeError, init_from.InitFromError) as e:
+  except (train_loop.TrainingDiverged, resume.ResumeError, init_from.InitFromError) as e:
     sys.exit(f"error: {e}")
 
 
