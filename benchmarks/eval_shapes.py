@@ -24,8 +24,13 @@ which a CLIP is enough (--clip, or the checkpoint's).
 
   python benchmarks/eval_shapes.py [--checkpoint assets/shapes_demo] [--num_prompts 200] [--batch_size 16]
   python benchmarks/eval_shapes.py --real_only --clip runs/shapes/clip/export --resolution 64
+
+Sampling settings: the checkpoint's (or --preset's), then sample.py's per-stage flags
+(--{stage}_steps, --{stage}_sampler, --{stage}_spacing, --{prior,decoder}_guidance, ...).
+generation_seconds times the sampling after one untimed batch has compiled every loop.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +40,8 @@ from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script from anywhere
+from unclip_jax.cli import stage_flags  # noqa: E402  (--{stage}_steps, --{stage}_sampler, ...)
+
 DEMO_CHECKPOINT = os.path.join(ROOT, "assets", "shapes_demo")
 DISTRACTOR_POOL = 2000  # scenes whose captions the distractors are drawn from
 
@@ -146,7 +153,7 @@ def main(argv):
   two_object = np.array([s.relation is not None for s in scenes])
   pool = [shapes.sample_scene(_DATA_SEED.value + 2, i).caption for i in range(DISTRACTOR_POOL)]
 
-  generated, gen_seconds, pipe = None, None, None
+  generated, gen_seconds, pipe, options = None, None, None, None
   if _REAL_ONLY.value:
     clip = _load_clip()
   else:
@@ -159,12 +166,14 @@ def main(argv):
     except pipeline_lib.CheckpointError as e:
       _fail(str(e).splitlines()[0])
     clip = pipe.clip
-    options = dict(pipeline_lib.PRESETS[_PRESET.value]) if _PRESET.value else None
+    options = stage_flags.apply(pipe.options_for("text", dict(pipeline_lib.PRESETS[_PRESET.value])
+                                                 if _PRESET.value else None))
     jobs = list(zip(captions, range(_SEED.value, _SEED.value + n), strict=True))
+    draw = lambda chunk: pipe.text_to_image([p for p, _ in chunk], [s for _, s in chunk], options=options,
+                                            num_candidates=_CANDIDATES.value, up_to=_UP_TO.value)
+    _batched(draw, jobs[:batch], batch)  # compiles every loop: the timing below is sampling alone
     start = time.perf_counter()
-    generated = _batched(lambda chunk: pipe.text_to_image([p for p, _ in chunk], [s for _, s in chunk],
-                                                          options=options, num_candidates=_CANDIDATES.value,
-                                                          up_to=_UP_TO.value), jobs, batch)
+    generated = _batched(draw, jobs, batch)
     gen_seconds = time.perf_counter() - start
   if clip.vision_module is None:
     _fail(f"the CLIP at {clip.path!r} has no image tower; R-precision and FD need a full CLIP.")
@@ -196,14 +205,15 @@ def main(argv):
               "preset": _PRESET.value, "up_to": _UP_TO.value, "prior_candidates": _CANDIDATES.value,
               "batch_size": batch, "device": f"{jax.local_device_count()} x {jax.devices()[0].device_kind} "
                                                           f"({jax.default_backend()})",
-              "generation_seconds": gen_seconds}
+              "generation_seconds": gen_seconds,
+              "options": None if options is None else {k: dataclasses.asdict(v) for k, v in options.items()}}
   print(f"device: {settings['device']}; CLIP: {clip.path}; {n} captions of Shapes seed {_DATA_SEED.value} "
         f"({rows['real']['num_two_object']} with two objects), {resolution}x{resolution} px, "
         f"{_NUM_DISTRACTORS.value} distractors")
   if generated is not None:
     print(f"checkpoint: {_CHECKPOINT.value}; preset: {_PRESET.value or 'checkpoint default'}; up_to: "
           f"{_UP_TO.value or 'last stage'}; generation {gen_seconds:.1f} s ({gen_seconds / n:.2f} s/image, "
-          "compilation included)")
+          "after one untimed batch that compiles)")
   print()
   print("| images | R-precision | FD (CLIP z_i) | colour acc | shape acc | relation acc (two-object) | count acc "
         "| CLIP relation (two-object) |")

@@ -600,3 +600,23 @@ def test_sample_py_inpaints(pipe, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(Image.open(path)), expected[k])
     meta = json.load(open(path.with_suffix(".json")))
     assert meta["mask"] == str(tmp_path / "mask.png") and meta["resample_steps"] == 2 and meta["mode"] == "inpaint"
+
+
+def test_stage_flags_change_the_stage_options(pipe):
+  """cli/stage_flags.py (sample.py's and eval_shapes.py's per-stage flags): each flag changes its stage's
+  option and nothing else."""
+  from absl import flags
+
+  from unclip_jax.cli import stage_flags
+
+  flags.FLAGS(["sample.py", "--prior_steps", "7", "--decoder_sampler", "dpmpp_2m", "--decoder_spacing", "logsnr",
+               "--decoder_guidance", "2.5"])
+  try:
+    before = pipe.options_for("text")
+    after = stage_flags.apply(before)
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert after["prior"] == dataclasses.replace(before["prior"], num_steps=7)
+  assert after["decoder"] == dataclasses.replace(before["decoder"], sampler="dpmpp_2m", spacing="logsnr",
+                                                 guidance_scale=2.5)
+  assert after["sr1"] == before["sr1"] and after["sr2"] == before["sr2"]

@@ -28,8 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from unclip_jax import cli, imaging, paths
-from unclip_jax.cli import shipped
-from unclip_jax.diffusion import samplers
+from unclip_jax.cli import shipped, stage_flags
 from unclip_jax.stages import DIFFUSION_STAGES as STAGES
 
 # assets/shapes_demo in a checkout, unclip_jax/assets/shapes_demo in a wheel; None if neither is there.
@@ -72,14 +71,6 @@ _SHARD_PARAMS = flags.DEFINE_bool("shard_params", False, "Split each weight over
                                   "instead of a whole copy on each: for a stack that does not fit one device.")
 _CACHE = flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "unclip_jax"),
                              "JAX persistent compilation cache folder ('' to disable).")
-_STEPS = {s: flags.DEFINE_integer(f"{s}_steps", None, f"{s} sampling steps (default: the preset's).") for s in STAGES}
-_SAMPLERS = {s: flags.DEFINE_enum(f"{s}_sampler", None, list(samplers.SAMPLERS),
-                                  f"{s} sampler (dpmpp_*: DPM-Solver++, deterministic, for fewer steps).")
-             for s in STAGES}
-_GUIDANCE = {s: flags.DEFINE_float(f"{s}_guidance", None, f"{s} guidance scale.") for s in ("prior", "decoder")}
-_ETA = flags.DEFINE_float("eta", None, "DDIM eta for every stage that samples with DDIM (interpolate and textdiff "
-                         "keep the decoder's at 0).")
-_THRESHOLD = flags.DEFINE_float("dynamic_threshold", None, "Imagen's dynamic thresholding quantile for images.")
 
 
 def _fail(message: str):
@@ -155,7 +146,7 @@ def _check_mode_flags(mode: str):
       _fail("--mode=inpaint needs one non-empty --prompt: what to paint where the mask is white.")
     if _RESAMPLE.value < 1:
       _fail(f"--resample_steps must be at least 1, got {_RESAMPLE.value}.")
-  if mode in ("interpolate", "textdiff") and _SAMPLERS["decoder"].value not in (None, "ddim"):
+  if mode in ("interpolate", "textdiff") and stage_flags.SAMPLERS["decoder"].value not in (None, "ddim"):
     _fail(f"--mode={mode} decodes with DDIM (eta 0) from a fixed or inverted x_T; drop --decoder_sampler.")
   if mode == "interpolate" and _NUM_FRAMES.value < 2:
     _fail("--num_frames must be at least 2 (the two end frames).")
@@ -188,20 +179,7 @@ def _thetas() -> list[float]:
 def _options(pipeline_lib, pipe, mode: str):
   """The checkpoint's defaults (or --preset), adjusted for the mode, then the stage flags."""
   base = dict(pipeline_lib.PRESETS[_PRESET.value]) if _PRESET.value else None
-  options = pipe.options_for(mode, base)
-  for stage in STAGES:
-    changes = {}
-    if _STEPS[stage].value is not None:
-      changes["num_steps"] = _STEPS[stage].value
-    if _SAMPLERS[stage].value is not None:
-      changes["sampler"] = _SAMPLERS[stage].value
-    if stage in _GUIDANCE and _GUIDANCE[stage].value is not None:
-      changes["guidance_scale"] = _GUIDANCE[stage].value
-    if _ETA.value is not None:
-      changes["eta"] = _ETA.value
-    if _THRESHOLD.value is not None and stage != "prior":
-      changes["dynamic_threshold"] = _THRESHOLD.value
-    options[stage] = dataclasses.replace(options[stage], **changes)
+  options = stage_flags.apply(pipe.options_for(mode, base))
   return pipe.options_for(mode, options)  # interpolate / textdiff keep their deterministic decoder
 
 

@@ -1,0 +1,110 @@
+"""Quality against sampling time on the Shapes demo: today's settings and DPM-Solver++ at fewer steps.
+
+  python -m benchmarks.time_to_quality [--num_prompts 200] [--steps 5,8,10,15] [--plot docs/time_to_quality.png]
+  python -m benchmarks.time_to_quality --table   # the table (and plot) of the rows run so far
+
+Each row is one benchmarks/eval_shapes.py run (its own process, the same 200 held-out captions and
+seeds): "checkpoint" samples with the demo's recommended settings; "dpmpp_2m N" runs the prior and
+the decoder with DPM-Solver++ (2M, log-SNR spacing) at N steps each, the upsamplers as recommended.
+A row's JSON is kept in benchmarks/results/time_to_quality/ and a kept row is not run again, so the
+table fills in over several sessions. Prints a markdown table (seconds per image after compiling;
+R-precision, colour and relation accuracy with their standard errors) and draws quality against
+seconds per image to --plot.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "time_to_quality")
+METRICS = (("r_precision", "R-precision", "num_images"), ("color", "colour acc", "num_images"),
+           ("relation", "relation acc (two-object)", "num_two_object"))
+
+
+def rows(steps: list[int]) -> dict[str, list[str]]:
+  """Row name -> eval_shapes flags."""
+  out = {"checkpoint": []}
+  for n in steps:
+    out[f"dpmpp_2m {n}"] = [flag for stage in ("prior", "decoder") for flag in (
+        f"--{stage}_sampler=dpmpp_2m", f"--{stage}_steps={n}", f"--{stage}_spacing=logsnr")]
+  return out
+
+
+def run_row(name: str, flags: list[str], num_prompts: int) -> str:
+  path = os.path.join(RESULTS, f"{name.replace(' ', '_')}__{num_prompts}.json")
+  if not os.path.exists(path):
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "eval_shapes.py"), f"--num_prompts={num_prompts}",
+               f"--json={path}", *flags]
+    subprocess.run(command, check=True, cwd=ROOT)
+  return path
+
+
+def _stderr(p: float, n: int) -> float:
+  return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def table(paths: list[str]) -> tuple[str, list[dict]]:
+  results = []
+  for path in paths:
+    with open(path) as f:
+      r = json.load(f)
+    generated, settings = r["rows"]["generated"], r["settings"]
+    name = os.path.basename(path).rsplit("__", 1)[0].replace("_", " ").replace("dpmpp 2m", "dpmpp_2m")
+    results.append({"name": name, "seconds": settings["generation_seconds"] / generated["num_images"],
+                    **{k: (generated[k], _stderr(generated[k], generated[n])) for k, _, n in METRICS}})
+  results.sort(key=lambda r: r["seconds"])
+  head = "| setting | s / image | " + " | ".join(label for _, label, _ in METRICS) + " |"
+  lines = [head, "|" + "---|" * (2 + len(METRICS))]
+  for r in results:
+    lines.append(f"| {r['name']} | {r['seconds']:.3f} | "
+                 + " | ".join(f"{r[k][0]:.3f} +- {r[k][1]:.3f}" for k, _, _ in METRICS) + " |")
+  return "\n".join(lines), results
+
+
+def plot(results: list[dict], path: str):
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  for key, label, _ in METRICS:
+    ax.errorbar([r["seconds"] for r in results], [r[key][0] for r in results], yerr=[r[key][1] for r in results],
+                marker="o", capsize=3, label=label)
+  for r in results:
+    ax.annotate(r["name"], (r["seconds"], r["r_precision"][0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+  ax.set_xlabel("seconds per image (after compiling)")
+  ax.set_ylabel("score")
+  ax.set_title("Shapes demo: quality against sampling time")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--num_prompts", type=int, default=200)
+  parser.add_argument("--steps", default="5,8,10,15", help="DPM-Solver++ steps of the prior and the decoder")
+  parser.add_argument("--table", action="store_true", help="only tabulate the rows run so far")
+  parser.add_argument("--plot", default=None, help="draw the plot to this PNG")
+  args = parser.parse_args()
+  os.makedirs(RESULTS, exist_ok=True)
+  if args.table:
+    paths = sorted(glob.glob(os.path.join(RESULTS, f"*__{args.num_prompts}.json")))
+  else:
+    paths = [run_row(name, flags, args.num_prompts)
+             for name, flags in rows([int(n) for n in args.steps.split(",")]).items()]
+  text, results = table(paths)
+  print(text)
+  if args.plot and results:
+    plot(results, args.plot)
+
+
+if __name__ == "__main__":
+  main()
