@@ -69,6 +69,11 @@ def held_in(params: dict, dtype: str) -> dict:
           for stage, p in params.items()}
 
 
+def _check_dtype(dtype: str):
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+
+
 def _pad(x, total: int):
   """A list or an array [n, ...] padded to `total` rows by repeating its last."""
   if isinstance(x, list):
@@ -107,8 +112,7 @@ class Pipeline:
     gathers each layer's weights as it runs (activations stay batch-split).
     """
     if dtype is not None:
-      if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+      _check_dtype(dtype)
       params = held_in(params, dtype)
       exports = {stage: export.with_dtype(dtype) for stage, export in exports.items()}
     if shard_params:  # the batch over every device as before, each weight over the "fsdp" axis
@@ -136,8 +140,8 @@ class Pipeline:
     """Reads CHECKPOINT/pipeline.json, its CLIP and each stage's export (loading.py); clear errors
     (CheckpointError) if any is missing. path (and clip_dir) may be a URI: gs://, file://. dtype,
     shard_params: see __init__."""
-    if dtype is not None and dtype not in DTYPES:  # before reading anything
-      raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if dtype is not None:
+      _check_dtype(dtype)  # before reading anything
     clip, params, exports, default_options = loading.read_checkpoint(path, clip_dir)
     return cls(clip, params, exports, mesh=mesh, progress=progress, default_options=default_options, dtype=dtype,
                shard_params=shard_params)
