@@ -162,7 +162,8 @@ def main(argv):
 
     mesh = parallel.sampling_mesh()
     try:
-      pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh)
+      pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh,
+                                        prior=stage_flags.PRIOR.value)
     except pipeline_lib.CheckpointError as e:
       _fail(str(e).splitlines()[0])
     clip = pipe.clip
@@ -202,7 +203,8 @@ def main(argv):
   settings = {"checkpoint": None if _REAL_ONLY.value else os.path.abspath(_CHECKPOINT.value),
               "clip": os.path.abspath(clip.path), "num_prompts": n, "data_seed": _DATA_SEED.value,
               "seed": _SEED.value, "resolution": int(resolution), "num_distractors": _NUM_DISTRACTORS.value,
-              "preset": _PRESET.value, "up_to": _UP_TO.value, "prior_candidates": _CANDIDATES.value,
+              "preset": _PRESET.value, "up_to": _UP_TO.value, "prior": stage_flags.PRIOR.value,
+              "prior_candidates": _CANDIDATES.value,
               "batch_size": batch, "device": f"{jax.local_device_count()} x {jax.devices()[0].device_kind} "
                                                           f"({jax.default_backend()})",
               "generation_seconds": gen_seconds,

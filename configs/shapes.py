@@ -5,6 +5,7 @@ One command trains every stage in order and assembles assets/shapes_demo:
 which runs, stage by stage (each reads the CLIP the first one exports):
   python train.py --config configs/shapes.py:clip    --workdir runs/shapes/clip
   python train.py --config configs/shapes.py:prior   --workdir runs/shapes/prior
+  python train.py --config configs/shapes.py:ar_prior --workdir runs/shapes/ar_prior
   python train.py --config configs/shapes.py:decoder --workdir runs/shapes/decoder
   python train.py --config configs/shapes.py:sr1     --workdir runs/shapes/sr1
   python train.py --config configs/shapes.py:sr2     --workdir runs/shapes/sr2
@@ -16,15 +17,17 @@ import ml_collections
 
 from configs import common
 
-BATCH_SIZE = {"clip": 64, "prior": 64, "decoder": 16, "sr1": 16, "sr2": 16}
-TOTAL_STEPS = {"clip": 3000, "prior": 1500, "decoder": 12000, "sr1": 600, "sr2": 500}
+BATCH_SIZE = {"clip": 64, "prior": 64, "ar_prior": 64, "decoder": 16, "sr1": 16, "sr2": 16}
+TOTAL_STEPS = {"clip": 3000, "prior": 1500, "ar_prior": 3000, "decoder": 12000, "sr1": 600, "sr2": 500}
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
 SAMPLING_OPTIONS = {
     "prior": dict(num_steps=25, sampler="ddpm", guidance_scale=2.0, clip_range=5.0),
+    "ar_prior": dict(guidance_scale=2.0),  # (sample.py --prior ar) its steps are its codes
     "decoder": dict(num_steps=25, sampler="ddpm", guidance_scale=3.0),
     "sr1": dict(num_steps=10, sampler="ddim"),
     "sr2": dict(num_steps=10, sampler="ddim"),
 }
+AR_CODES = 32  # PCA dimensions the AR prior keeps of the CLIP's 64 (docs/benchmarks.md)
 VOCABULARY = ("a red green blue yellow purple circle square triangle left right of above below").split()
 
 
@@ -33,7 +36,7 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
   stage, tiny = a.stage, a.tiny
   c = common.base_config(stage)
   c.data = common.data_config("shapes")  # or --config.data.kind=folder|embeddings --config.data.path=...
-  if stage in ("prior", "decoder"):  # they read the CLIP the first stage exports
+  if stage in ("prior", "ar_prior", "decoder"):  # they read the CLIP the first stage exports
     c.clip_dir = "runs/shapes/clip/export"
   if stage == "clip":
     c.model = ml_collections.ConfigDict(dict(
@@ -55,6 +58,17 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.p_uncond = 0.1
     c.resolution = 32 if tiny else 64
     c.stats_batches = 1 if tiny else 8
+    c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
+  elif stage == "ar_prior":
+    # The CLIP's 64-dimensional z_i as NUM_CODES PCA codes of 1,024 buckets (the paper: 319 of 1,024
+    # dimensions); a Transformer small enough to ship beside the diffusion prior (~1M parameters).
+    c.model = ml_collections.ConfigDict(dict(num_codes=8 if tiny else AR_CODES, num_buckets=64 if tiny else 1024,
+                                             num_dot_buckets=8 if tiny else 32, width=32 if tiny else 128,
+                                             num_layers=2 if tiny else 4, num_heads=2 if tiny else 4,
+                                             dropout=0.0))
+    c.p_uncond = 0.1
+    c.resolution = 32 if tiny else 64
+    c.stats_batches = 2 if tiny else 16
     c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   elif stage == "decoder":
     # 16 px images from z_i and the caption; CLIP sees the data at its own resolution.

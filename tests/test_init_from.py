@@ -10,6 +10,7 @@ from test_train_errors import train_py_error
 from configs import shapes
 from unclip_jax import checkpoints, init_from, train_loop, training
 from unclip_jax.stages import build
+from unclip_jax.stages import ar_prior as ar_prior_stage
 from unclip_jax.stages import prior as prior_stage
 
 
@@ -22,12 +23,14 @@ def _config(stage_name: str, clip_dir: str, **overrides):
 
 
 def _export(stage_name: str, folder, clip_dir: str) -> str:
-  """A tiny stage's export with params other than a new run's random init (and, for the prior, latent
-  stats other than the data's)."""
+  """A tiny stage's export with params other than a new run's random init (and, for the priors, latent
+  stats or a codebook other than the data's)."""
   stage, _ = build.build(_config(stage_name, clip_dir), str(folder / "source"))
   params = stage.init_params(jax.random.key(7))
   if stage_name == "prior":
     stage.stats = {"clip_mean": stage.stats["clip_mean"] + 0.1, "clip_std": 2 * stage.stats["clip_std"]}
+  if stage_name == "ar_prior":
+    stage.codebook = dict(stage.codebook, mean=stage.codebook["mean"] + 0.1, scale=2 * stage.codebook["scale"])
   train_loop.export(stage, params, str(folder / "export"))
   return str(folder / "export")
 
@@ -58,7 +61,7 @@ def _assert_equal_trees(a, b):
 
 
 # The U-Net stages compile a train step and a loss of their own (~3 min on a busy 2-core CPU): slow.
-@pytest.mark.parametrize("stage_name", ["prior", pytest.param("decoder", marks=pytest.mark.slow),
+@pytest.mark.parametrize("stage_name", ["prior", "ar_prior", pytest.param("decoder", marks=pytest.mark.slow),
                                         pytest.param("sr1", marks=pytest.mark.slow)])
 def test_a_new_run_starts_from_the_export(stage_name, tmp_path, shapes_clip_dir, monkeypatch):
   export_dir = _export(stage_name, tmp_path, shapes_clip_dir)
@@ -81,6 +84,9 @@ def test_a_new_run_starts_from_the_export(stage_name, tmp_path, shapes_clip_dir,
     loss_fn = lambda p, b, r: prior_stage.prior_loss(p, b, r, model=stage.model, stats=exported["stats"],
                                                      schedule=stage.schedule, uncond=stage.uncond,
                                                      p_uncond=config.p_uncond)
+  elif stage_name == "ar_prior":  # coded with the export's codebook
+    loss_fn = lambda p, b, r: ar_prior_stage.ar_prior_loss(p, b, r, model=stage.model, codebook=exported["codebook"],
+                                                           uncond=stage.uncond, p_uncond=config.p_uncond)
   else:
     loss_fn = stage.loss
   expected, _ = jax.jit(loss_fn)(params, seen[0]["batch"], rng)

@@ -22,8 +22,7 @@ from flax import traverse_util
 
 from unclip_jax import checkpoints, paths
 from unclip_jax.convert import scan_layout
-from unclip_jax.stages import DIFFUSION_STAGES, contract
-from unclip_jax.stages import prior as prior_stage
+from unclip_jax.stages import PRIORS, SAMPLING_STAGES, contract
 
 
 class InitFromError(ValueError):
@@ -50,9 +49,9 @@ def read_record(path: str) -> contract.StageExport:
 
 def check_record(config) -> None:
   """What can be checked before the stage is built: the folder is an export of config.stage."""
-  if config.stage not in DIFFUSION_STAGES:
-    raise InitFromError(f"{_where(config.init_from)}: only the diffusion stages ({', '.join(DIFFUSION_STAGES)}) "
-                        f"start from an export; the {config.stage} stage starts from a random init.")
+  if config.stage not in SAMPLING_STAGES:
+    raise InitFromError(f"{_where(config.init_from)}: only the {', '.join(SAMPLING_STAGES)} stages start from an "
+                        f"export; the {config.stage} stage starts from a random init.")
   record = read_record(config.init_from)
   if record.stage != config.stage:
     raise InitFromError(f"{_where(config.init_from)} is a {record.stage} export; this config trains the "
@@ -75,10 +74,11 @@ def first_mismatch(exported, expected) -> str | None:
 
 
 def trainable(params, record: contract.StageExport):
-  """The part of an export's params tree that training updates: the prior's {"params", "stats"} holds
-  the network in "params"; Karlo's upsampler pair {"first", "last"} trains "first" (the network of
-  every step but the last, which a fine-tuned export then also runs)."""
-  if record.stage == "prior":
+  """The part of an export's params tree that training updates: a prior's {"params", "stats"} (the
+  AR prior's {"params", "codebook"}) holds the network in "params"; Karlo's upsampler pair {"first",
+  "last"} trains "first" (the network of every step but the last, which a fine-tuned export then
+  also runs)."""
+  if record.stage in PRIORS:
     return params["params"]
   if getattr(record, "params_last", False):
     logging.warning("The export runs a separate network for the last upsampling step (Karlo's "
@@ -118,8 +118,9 @@ def start_from(path: str, stage, state, tx, shardings, model_config=None):
   state for them. Raises InitFromError before any array is placed if the export does not fit."""
   expected = jax.eval_shape(lambda p: p, state.params)
   params, record, exported = load_params(path, expected, model_config)
-  if isinstance(stage, prior_stage.PriorStage) and "stats" in exported:
-    stage.adopt_stats(exported["stats"])
+  data_stats = exported.get("stats", exported.get("codebook")) if record.stage in PRIORS else None
+  if data_stats is not None:  # the latent space (or codes) its network learned
+    stage.adopt_stats(data_stats)
   fresh = lambda s, p: s.replace(params=p, opt_state=tx.init(p), ema_params=jax.tree.map(jnp.copy, p))
   state = jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(state, _place(params, shardings.params))
   logging.info("Started from the %s export %s (params and EMA; fresh optimizer state, step 0).", record.stage,

@@ -8,6 +8,7 @@ import optax
 # unCLIP paper, Table 3. Weight decay is given for the priors only.
 PAPER_HPARAMS = {
     "prior": dict(learning_rate=1.1e-4, b2=0.96, eps=1e-6, weight_decay=6e-2, ema_decay=0.9999),
+    "ar_prior": dict(learning_rate=1.6e-4, b2=0.91, eps=1e-10, weight_decay=4e-2, ema_decay=0.999),
     "decoder": dict(learning_rate=1.2e-4, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999),
     "sr1": dict(learning_rate=1.2e-4, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999),
     "sr2": dict(learning_rate=1.0e-4, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999),

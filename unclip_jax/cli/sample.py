@@ -294,7 +294,8 @@ def main(argv):
   logging.info("sampling on %d %s device(s)", jax.local_device_count(), jax.default_backend())
   try:
     pipe = pipeline_lib.Pipeline.load(_CHECKPOINT.value, clip_dir=_CLIP.value, mesh=mesh, progress=True,
-                                      dtype=_DTYPE.value, shard_params=_SHARD_PARAMS.value)
+                                      dtype=_DTYPE.value, shard_params=_SHARD_PARAMS.value,
+                                      prior=stage_flags.PRIOR.value)
   except pipeline_lib.CheckpointError as e:
     _fail(str(e))
   if _INVERSION_ITERS.value is not None:
@@ -356,6 +357,8 @@ def main(argv):
               "up_to": up_to, "mode": mode}
   if _DTYPE.value:  # (absent when unset, so earlier files keep their settings hash)
     settings["dtype"] = _DTYPE.value
+  if stage_flags.PRIOR.value != "diffusion":
+    settings["prior"] = stage_flags.PRIOR.value
   if mode in ("text", "inpaint") or _between_captions(mode):
     settings["prior_candidates"] = _CANDIDATES.value
   if mode == "textdiff" or (mode == "interpolate" and _INTERP_NOISE.value == "slerp"):

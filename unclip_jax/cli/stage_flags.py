@@ -1,7 +1,7 @@
 """Per-stage sampling flags, shared by sample.py and benchmarks/eval_shapes.py (which cannot import
-each other's flags: both define --seed): --{stage}_steps, --{stage}_sampler, --{stage}_spacing,
---{prior,decoder}_guidance, --eta, --dynamic_threshold, and what they change in a set of
-StageOptions. Importing this module defines them in absl's FLAGS.
+each other's flags: both define --seed): --prior (which prior runs), --{stage}_steps,
+--{stage}_sampler, --{stage}_spacing, --{prior,decoder}_guidance, --eta, --dynamic_threshold, and
+what they change in a set of StageOptions. Importing this module defines them in absl's FLAGS.
 """
 
 import dataclasses
@@ -11,6 +11,9 @@ from absl import flags
 from unclip_jax.diffusion import samplers, schedules
 from unclip_jax.stages import DIFFUSION_STAGES as STAGES
 
+PRIOR = flags.DEFINE_enum("prior", "diffusion", ["diffusion", "ar"],
+                          "Which of the checkpoint's priors makes z_i from text: the diffusion prior, or the "
+                          "autoregressive one (its --prior_guidance applies; the diffusion flags do not).")
 STEPS = {s: flags.DEFINE_integer(f"{s}_steps", None, f"{s} sampling steps (default: the preset's).") for s in STAGES}
 SAMPLERS = {s: flags.DEFINE_enum(f"{s}_sampler", None, list(samplers.SAMPLERS),
                                  f"{s} sampler (dpmpp_*: DPM-Solver++, deterministic, for fewer steps).")

@@ -5,6 +5,7 @@ unscanned layout; a model built with scan_layers=True stacks identical layers'
 params on a leading axis (docs/prior.md, docs/unet.md):
 
   prior:  block_{i}/...                      <-> blocks/...  [num_layers, ...]
+          (the AR prior: the same under transformer/)
   U-Net:  {down,up}_blocks_k/resnets_{j}/...  <-> {down,up}_blocks_k/layers_{a}_to_{b}/resnets/...  [b - a + 1, ...]
           (and attentions_{j} likewise), for each run a..b of unet_config.layer_runs.
 
@@ -19,6 +20,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.models import ar_prior as ar_lib
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import unet_config
 
@@ -116,18 +118,25 @@ def _unet_to_unscanned(params: dict, cfg: unet_config.UNetConfig) -> dict:
   return params
 
 
-def to_scanned(params, cfg):
-  """Unscanned -> scanned params for a PriorConfig or UNetConfig (its scan_layers flag is ignored)."""
+def _blocks_fn(cfg, prior_fn, unet_fn):
+  """fn(params) converting a config's layer stack: a prior's blocks, the AR prior's (under
+  "transformer") or a U-Net's runs of layers."""
   if isinstance(cfg, prior_lib.PriorConfig):
-    return _on_params(params, lambda p: _prior_to_scanned(p, cfg))
-  return _on_params(params, lambda p: _unet_to_scanned(p, cfg))
+    return lambda p: prior_fn(p, cfg)
+  if isinstance(cfg, ar_lib.ARPriorConfig):
+    return lambda p: dict(p, transformer=prior_fn(dict(p["transformer"]), cfg))
+  return lambda p: unet_fn(p, cfg)
+
+
+def to_scanned(params, cfg):
+  """Unscanned -> scanned params for a PriorConfig, ARPriorConfig or UNetConfig (its scan_layers flag
+  is ignored)."""
+  return _on_params(params, _blocks_fn(cfg, _prior_to_scanned, _unet_to_scanned))
 
 
 def to_unscanned(params, cfg):
   """Scanned -> unscanned params; the exact inverse of to_scanned."""
-  if isinstance(cfg, prior_lib.PriorConfig):
-    return _on_params(params, lambda p: _prior_to_unscanned(p, cfg))
-  return _on_params(params, lambda p: _unet_to_unscanned(p, cfg))
+  return _on_params(params, _blocks_fn(cfg, _prior_to_unscanned, _unet_to_unscanned))
 
 
 def is_scanned(params, cfg) -> bool:
@@ -136,6 +145,8 @@ def is_scanned(params, cfg) -> bool:
   p = params.get("params", params)
   if isinstance(cfg, prior_lib.PriorConfig):
     return "blocks" in p
+  if isinstance(cfg, ar_lib.ARPriorConfig):
+    return "blocks" in p["transformer"]
   return any(unet_config.scan_name(a, b) in p[block]
              for block, segments in unet_config.layer_runs(cfg).items() for a, b in segments if b - a > 1)
 

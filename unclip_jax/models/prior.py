@@ -78,17 +78,34 @@ def attention_bias(mask, num_extra_tokens: int):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with biased q/k/v/out projections."""
+  """Multi-head self-attention with biased q/k/v/out projections.
+
+  cache_length > 0 keeps every position's keys and values in a "cache"
+  collection ([B, cache_length, H, Dh], written at its "index"), so that a
+  sequence can be run a few positions per call (the autoregressive prior's
+  sampling); bias [B, 1, S, K] then covers the cache's keys. 0: none.
+  """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  cache_length: int = 0
 
   @nn.compact
   def __call__(self, x, bias):
     b, length, width = x.shape
     head_dim = width // self.num_heads
     dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
-    split = lambda h: h.reshape(b, length, self.num_heads, head_dim)  # [B, L, H, Dh]
+    split = lambda h: h.reshape(b, length, self.num_heads, head_dim)  # [B, S, H, Dh]
     q, k, v = split(dense("to_q")(x)), split(dense("to_k")(x)), split(dense("to_v")(x))
+    if self.cache_length:
+      shape = (b, self.cache_length, self.num_heads, head_dim)
+      cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+      cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      start = (0, index.value, 0, 0)
+      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
+      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
+      index.value = index.value + length
+      k, v = cached_k.value, cached_v.value  # [B, K, H, Dh]: every position so far (later ones masked by bias)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim ** -0.5
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)  # [B, H, L, L]
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, width)
@@ -98,22 +115,50 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
   """Pre-LN Transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with exact GELU.
 
-  With scanned=True it is an nn.scan step: returns (x, None).
+  With scanned=True it is an nn.scan step: returns (x, None). cache_length: see SelfAttention.
   """
   config: PriorConfig
   dtype: jnp.dtype = jnp.float32
   scanned: bool = False
+  cache_length: int = 0
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool = True):
     cfg = self.config
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
-    x = x + drop(SelfAttention(cfg.num_heads, self.dtype, name="attn1")(norm("norm1")(x), bias))
+    x = x + drop(SelfAttention(cfg.num_heads, self.dtype, self.cache_length, name="attn1")(norm("norm1")(x), bias))
     h = nn.Dense(cfg.mlp_ratio * cfg.width, dtype=self.dtype, name="ff_in")(norm("norm3")(x))
     h = drop(nn.gelu(h, approximate=False))
     x = parallel.constrain_batch(x + drop(nn.Dense(cfg.width, dtype=self.dtype, name="ff_out")(h)))
     return (x, None) if self.scanned else x
+
+
+def transformer_blocks(cfg, dtype, h, bias, deterministic: bool, cache_length: int = 0):
+  """cfg.num_layers Blocks over h [B, S, W], as submodules of the calling (compact) module: "blocks"
+  (scanned, params stacked [num_layers, ...]) or "block_0" ... (cfg: a config with PriorConfig's
+  Transformer fields and scan_layers, remat)."""
+  # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
+  block = nn.remat(Block, static_argnums=(3,), prevent_cse=not cfg.scan_layers) if cfg.remat else Block
+  if cfg.scan_layers:  # one traced block instead of num_layers: a program (and compile time) 1/L the size
+    blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
+    h, _ = blocks(cfg, dtype, scanned=True, cache_length=cache_length, name="blocks")(h, bias, deterministic)
+    return h
+  for i in range(cfg.num_layers):
+    h = block(cfg, dtype, cache_length=cache_length, name=f"block_{i}")(h, bias, deterministic)
+  return h
+
+
+class TransformerBlocks(nn.Module):
+  """transformer_blocks as a submodule of its own, for modules built in setup()."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+  cache_length: int = 0
+
+  @nn.compact
+  def __call__(self, h, bias, deterministic: bool = True):
+    return transformer_blocks(self.config, self.dtype, h, bias, deterministic, self.cache_length)
 
 
 class DiffusionPrior(nn.Module):
@@ -161,16 +206,7 @@ class DiffusionPrior(nn.Module):
       h = norm("norm_in")(h)
     bias = attention_bias(mask, cfg.num_extra_tokens)
     h = parallel.constrain_batch(h)  # the residual stream stays split over the batch (FSDP)
-    # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
-    block = nn.remat(Block, static_argnums=(3,), prevent_cse=not cfg.scan_layers) if cfg.remat else Block
-    if cfg.scan_layers:  # one traced block instead of num_layers: a program (and compile time) 1/L the size
-      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
-      h, _ = blocks(cfg, self.dtype, scanned=True, name="blocks")(h, bias, deterministic)
-    else:
-      for i in range(cfg.num_layers):
-        h = block(cfg, self.dtype, name=f"block_{i}")(h, bias, deterministic)
-    h = norm("norm_out")(h)
+    h = norm("norm_out")(transformer_blocks(cfg, self.dtype, h, bias, deterministic))
     # The final query reads the whole sequence; without it, the noised-latent token does.
     out = parallel.constrain_batch(h[:, -1] if cfg.prd_token else h[:, cfg.num_text_tokens + 2])  # [B, W]
     return nn.Dense(cfg.clip_dim, dtype=self.dtype, name="proj_to_clip_embeddings")(out).astype(jnp.float32)

@@ -27,7 +27,7 @@ from unclip_jax.diffusion import progress, samplers
 from unclip_jax.pipeline import loading
 from unclip_jax.pipeline import options as options_lib
 from unclip_jax.pipeline.options import STAGES, StageOptions
-from unclip_jax.stages import UPSAMPLERS, decoder, prior, text, upsampler
+from unclip_jax.stages import UPSAMPLERS, ar_prior, decoder, prior, text, upsampler
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,11 +62,9 @@ def output(images, n: int, as_float: bool) -> np.ndarray:
 
 
 def held_in(params: dict, dtype: str) -> dict:
-  """Each stage's float params cast to dtype, but the prior's latent stats (clip_mean, clip_std: they
-  scale every z_i it returns) kept in float32."""
-  cast = lambda tree: loading.cast_floats(tree, dtype)
-  return {stage: ({k: (v if k == "stats" else cast(v)) for k, v in p.items()} if stage == "prior" else cast(p))
-          for stage, p in params.items()}
+  """Each stage's float params cast to dtype, but a prior's latent stats or codebook (they scale or
+  decode every z_i it returns) kept in float32."""
+  return {stage: loading.cast_params(p, dtype) for stage, p in params.items()}
 
 
 def _check_dtype(dtype: str):
@@ -136,13 +134,14 @@ class Pipeline:
 
   @classmethod
   def load(cls, path: str, clip_dir: str | None = None, mesh=None, progress: bool = False, dtype: str | None = None,
-           shard_params: bool = False) -> "Pipeline":
+           shard_params: bool = False, prior: str = "diffusion") -> "Pipeline":
     """Reads CHECKPOINT/pipeline.json, its CLIP and each stage's export (loading.py); clear errors
-    (CheckpointError) if any is missing. path (and clip_dir) may be a URI: gs://, file://. dtype,
+    (CheckpointError) if any is missing. path (and clip_dir) may be a URI: gs://, file://. prior:
+    "diffusion" or "ar" (the checkpoint's autoregressive prior, in the prior's place). dtype,
     shard_params: see __init__."""
     if dtype is not None:
       _check_dtype(dtype)  # before reading anything
-    clip, params, exports, default_options = loading.read_checkpoint(path, clip_dir)
+    clip, params, exports, default_options = loading.read_checkpoint(path, clip_dir, prior)
     return cls(clip, params, exports, mesh=mesh, progress=progress, default_options=default_options, dtype=dtype,
                shard_params=shard_params)
 
@@ -185,8 +184,12 @@ class Pipeline:
                                                       name, place=place)
 
   def _prior_fn(self, options: StageOptions, num_candidates: int):
+    export = self.exports["prior"]
+    if export.stage == "ar_prior":  # a step per code (options: its guidance scale)
+      return self._loop("prior", ("ar_prior", options.guidance_scale, num_candidates), export.model.num_codes - 1,
+                        lambda: ar_prior.sampler_from_export(export, options, num_candidates=num_candidates))
     return self._loop("prior", ("prior", options, num_candidates), options.num_steps,
-                      lambda: prior.sampler_from_export(self.exports["prior"], options, num_candidates=num_candidates))
+                      lambda: prior.sampler_from_export(export, options, num_candidates=num_candidates))
 
   def _decoder_fn(self, options: StageOptions, resample_steps: int = 1):
     return self._loop("decoder", ("decoder", options, resample_steps), options.num_steps,

@@ -1,15 +1,18 @@
 """Inference checkpoints: reading one (with clear errors for what is missing or
 does not fit) and assembling one from training runs.
 
-  CHECKPOINT/pipeline.json        {"clip": "clip", "prior": "prior", "decoder": "decoder",
-                                   "sr1": "sr1", "sr2": "sr2",    (sr1 and sr2 optional)
+  CHECKPOINT/pipeline.json        {"clip": "clip", "prior": "prior", "ar_prior": "ar_prior",
+                                   "decoder": "decoder", "sr1": "sr1", "sr2": "sr2",
                                    "options": {"decoder": {"num_steps": 25, ...}, ...}}  (optional)
   CHECKPOINT/clip/                a Hugging Face CLIP folder
   CHECKPOINT/prior/ ...           train.py exports (config.json + params/)
 
-The prior is optional: without it the checkpoint serves the image applications
-only. "options" holds the sampling settings the checkpoint's author recommends
-(StageOptions fields per stage, each stage's over the "karlo" preset's).
+Only the decoder is required. The priors are optional (without one the checkpoint
+serves the image applications only): the pipeline runs one of them, the diffusion
+"prior" by default or the autoregressive "ar_prior" (PRIORS), in the prior's place.
+"options" holds the sampling settings the checkpoint's author recommends
+(StageOptions fields per stage, each stage's over the "karlo" preset's; the
+"ar_prior" entry is the prior's when the AR prior runs).
 """
 
 import dataclasses
@@ -25,6 +28,9 @@ from unclip_jax.pipeline.options import STAGES, stage_options
 from unclip_jax.stages import contract
 
 PIPELINE_FILE = "pipeline.json"
+PRIORS = {"diffusion": "prior", "ar": "ar_prior"}  # Pipeline.load(prior=...) -> the folder's key
+FOLDERS = ("clip", "prior", "ar_prior", *STAGES[1:])
+DATA_STATS = ("stats", "codebook")  # a prior's data statistics: kept float32 whatever the params' dtype
 
 
 class CheckpointError(ValueError):
@@ -36,7 +42,13 @@ def cast_floats(tree, dtype):
   return jax.tree.map(lambda x: np.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else x, tree)
 
 
-def read_stage(folder: str, stage: str) -> tuple[dict, contract.StageExport]:
+def cast_params(stage_params: dict, dtype) -> dict:
+  """A stage's params in dtype, but a prior's latent stats or codebook (DATA_STATS: they scale or
+  decode every z_i it returns) kept float32."""
+  return {k: cast_floats(v, np.float32 if k in DATA_STATS else dtype) for k, v in stage_params.items()}
+
+
+def read_stage(folder: str, stage: str) -> tuple[dict, contract.StageExport]:  # stage: a FOLDERS key
   """One stage's export: float32 params (a checkpoint may store float16, see assemble) and its record."""
   try:
     params, config = checkpoints.load_inference(folder)
@@ -84,11 +96,14 @@ def _read_clip(clip_path: str):
                           "damaged, copy it again.") from e
 
 
-def read_checkpoint(path: str, clip_dir: str | None = None):
+def read_checkpoint(path: str, clip_dir: str | None = None, prior: str = "diffusion"):
   """(clip, params, exports, options) of CHECKPOINT: its CLIP, each stage's params and export record,
-  and its recommended options ({stage: StageOptions}); clear errors if any is missing.
+  and its recommended options ({stage: StageOptions}); clear errors if any is missing. prior
+  (diffusion | ar): which prior folder fills the "prior" place, with its options.
 
   path (and clip_dir) may be a URI: gs://, file://."""
+  if prior not in PRIORS:
+    raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}.")
   root = paths.as_path(path)
   layout_file = root / PIPELINE_FILE
   if not layout_file.is_file():
@@ -101,25 +116,42 @@ def read_checkpoint(path: str, clip_dir: str | None = None):
   missing = [k for k in ("decoder",) if k not in layout]
   if missing:
     raise CheckpointError(f"{layout_file} names no {missing} folder.")
-  named = {k: v for k, v in layout.items() if k in ("clip", *STAGES)}
+  named = {k: v for k, v in layout.items() if k in FOLDERS}
   if not all(isinstance(v, str) and v for v in named.values()):
     raise CheckpointError(f"{layout_file}: the folders must be names of subfolders, got {named}.")
+  prior_key = PRIORS[prior]
+  if prior == "ar" and prior_key not in layout:
+    raise CheckpointError(f"{layout_file} names no {prior_key!r} folder: this checkpoint has no autoregressive "
+                          "prior (use the diffusion prior).")
   try:
-    options = {stage: stage_options(stage, fields) for stage, fields in layout.get("options", {}).items()}
+    options = {stage: stage_options(_options_stage(stage), fields)
+               for stage, fields in layout.get("options", {}).items()}
   except (ValueError, TypeError, AttributeError) as e:
     raise CheckpointError(f"{layout_file}: bad \"options\": {e}") from e
+  ar_options = options.pop("ar_prior", None)
+  if prior == "ar":  # the AR prior runs with its own recommended options, or none
+    options.pop("prior", None)
+    if ar_options is not None:
+      options["prior"] = ar_options
   clip_path = clip_dir or os.fspath(root / layout.get("clip", "clip"))
   clip = _read_clip(clip_path)
   params, exports = {}, {}
   for stage in STAGES:
-    if stage in layout:
-      params[stage], exports[stage] = read_stage(os.fspath(root / layout[stage]), stage)
+    key = prior_key if stage == "prior" else stage
+    if key in layout:
+      params[stage], exports[stage] = read_stage(os.fspath(root / layout[key]), key)
   check_clip_fits(exports, clip, clip_path)
   return clip, params, exports, options
 
 
+def _options_stage(key: str) -> str:
+  """The stage whose StageOptions a pipeline.json options key holds (the AR prior's are a prior's)."""
+  return "prior" if key == "ar_prior" else key
+
+
 def assemble(path: str, options: dict | None = None, param_dtype: str | None = None, **folders: str) -> str:
-  """Copies a CLIP folder and stage exports (clip=, prior=, decoder=, sr1=, sr2=) into one checkpoint.
+  """Copies a CLIP folder and stage exports (clip=, prior=, ar_prior=, decoder=, sr1=, sr2=) into one
+  checkpoint.
 
   Any of the folders may be a URI (gs://, file://).
 
@@ -129,13 +161,13 @@ def assemble(path: str, options: dict | None = None, param_dtype: str | None = N
   params in that dtype, to halve a checkpoint that ships in a repository;
   Pipeline.load computes in float32 whatever the stored dtype.
   """
-  unknown = set(folders) - {"clip", *STAGES}
+  unknown = set(folders) - set(FOLDERS)
   if unknown:
     raise ValueError(f"Unknown stage folders {sorted(unknown)}.")
   layout = {name: name for name in folders}
   if options:
     for stage, fields in options.items():
-      stage_options(stage, fields)  # fail here, not at load time
+      stage_options(_options_stage(stage), fields)  # fail here, not at load time
     # A dict keeps only its own fields, so the others follow Karlo's defaults when loaded.
     layout["options"] = {stage: dict(fields) if isinstance(fields, dict) else dataclasses.asdict(fields)
                          for stage, fields in options.items()}
@@ -146,7 +178,7 @@ def assemble(path: str, options: dict | None = None, param_dtype: str | None = N
       paths.copy_tree(folder, root / name)
     else:
       params, config = checkpoints.load_inference(folder)
-      checkpoints.export_inference(root / name, cast_floats(params, param_dtype), config)
+      checkpoints.export_inference(root / name, cast_params(params, param_dtype), config)
   (root / PIPELINE_FILE).write_text(json.dumps(layout, indent=2))
   return path
 

@@ -4,7 +4,7 @@ import ml_collections
 
 from unclip_jax.data import batches as data_batches
 from unclip_jax.models import clip as clip_lib
-from unclip_jax.stages import UPSAMPLERS, clip, decoder, prior, text, upsampler
+from unclip_jax.stages import PRIORS, STAGES, UPSAMPLERS, ar_prior, clip, decoder, prior, text, upsampler
 
 
 def build(config: ml_collections.ConfigDict, workdir: str):
@@ -17,13 +17,14 @@ def build(config: ml_collections.ConfigDict, workdir: str):
   if config.stage in UPSAMPLERS:
     return upsampler.UpsamplerStage(config, next(batches(0))), batches
   clip_model = _load_frozen_clip(config)
-  if config.stage == "prior":
+  if config.stage in PRIORS:  # latent stats / codebook from the stream's first batches
     stream = batches(0)
     first = [text.encode_batch(clip_model, next(stream)) for _ in range(config.get("stats_batches", 4))]
-    return prior.PriorStage(config, clip_model, first), batches
+    stage_class = prior.PriorStage if config.stage == "prior" else ar_prior.ARPriorStage
+    return stage_class(config, clip_model, first), batches
   if config.stage == "decoder":
     return decoder.DecoderStage(config, clip_model, next(batches(0))), batches
-  raise ValueError(f"Unknown stage {config.stage!r}; expected clip, prior, decoder, sr1 or sr2.")
+  raise ValueError(f"Unknown stage {config.stage!r}; expected one of {', '.join(STAGES)}.")
 
 
 def _load_frozen_clip(config):

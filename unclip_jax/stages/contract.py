@@ -1,4 +1,4 @@
-"""What a diffusion stage's training hands its sampling.
+"""What a stage's training hands its sampling (every stage but the CLIP).
 
 An export (train.py's WORKDIR/export, a checkpoint's stage folder) is the
 params and a config.json, the stage's record below as JSON: each stage writes
@@ -12,9 +12,10 @@ sampling run (the pipeline's options, a training run's sample grids).
 import dataclasses
 
 from unclip_jax.diffusion import gaussian, schedules
+from unclip_jax.models import ar_prior as ar_lib
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import unet_config
-from unclip_jax.stages import DIFFUSION_STAGES, UPSAMPLERS, denoising
+from unclip_jax.stages import SAMPLING_STAGES, UPSAMPLERS, denoising
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,20 @@ class PriorExport:
 
 
 @dataclasses.dataclass(frozen=True)
+class ARPriorExport:
+  """The autoregressive prior: its network and codebook sizes (the codebook itself is in its params)."""
+  model: ar_lib.ARPriorConfig
+  dtype: str = "float32"  # what sampling computes in
+  stage = "ar_prior"
+
+  def to_json(self) -> dict:
+    return {"stage": self.stage, "model": dataclasses.asdict(self.model), "dtype": self.dtype}
+
+  def with_dtype(self, dtype: str) -> "ARPriorExport":
+    return dataclasses.replace(self, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderExport:
   model: unet_config.UNetConfig
   resolution: int  # of its images
@@ -125,7 +140,7 @@ class UpsamplerExport:
     return dataclasses.replace(self, model=dataclasses.replace(self.model, dtype=dtype))
 
 
-StageExport = PriorExport | DecoderExport | UpsamplerExport
+StageExport = PriorExport | ARPriorExport | DecoderExport | UpsamplerExport
 
 
 def read(config: dict) -> StageExport:
@@ -139,8 +154,10 @@ def read(config: dict) -> StageExport:
   Raises ValueError (KeyError, TypeError for a missing or unknown key).
   """
   stage = config.get("stage")
-  if stage not in DIFFUSION_STAGES:
-    raise ValueError(f"An export of stage {stage!r}; expected one of {DIFFUSION_STAGES}.")
+  if stage not in SAMPLING_STAGES:
+    raise ValueError(f"An export of stage {stage!r}; expected one of {SAMPLING_STAGES}.")
+  if stage == "ar_prior":
+    return ARPriorExport(ar_lib.ARPriorConfig(**config["model"]), config.get("dtype", "float32"))
   diffusion = dict(config.get("diffusion") or {})
   diffusion.pop("clip_sample_range", None)
   if diffusion.get("variance_type") == "fixed_small_log":
