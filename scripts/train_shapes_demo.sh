@@ -15,9 +15,9 @@ runs="${2:-runs/shapes}"
 out="${3:-assets/shapes_demo}"
 suffix=""
 [[ "$size" == "tiny" ]] && suffix=",tiny"
-for stage in clip prior decoder sr1 sr2; do
+for stage in clip prior ar_prior decoder sr1 sr2; do
   args=(--config "configs/shapes.py:${stage}${suffix}" --workdir "$runs/$stage")
-  if [[ "$stage" == prior || "$stage" == decoder ]]; then  # they read the CLIP the first stage exports
+  if [[ "$stage" == prior || "$stage" == ar_prior || "$stage" == decoder ]]; then  # they read the CLIP's export
     args+=(--config.clip_dir="$runs/clip/export")
   fi
   python train.py "${args[@]}"
@@ -28,5 +28,5 @@ from configs import shapes
 from unclip_jax import pipeline
 runs, out = sys.argv[1:]
 print(pipeline.assemble(out, options=shapes.SAMPLING_OPTIONS, param_dtype="float16",
-                        **{s: f"{runs}/{s}/export" for s in ("clip", "prior", "decoder", "sr1", "sr2")}))
+                        **{s: f"{runs}/{s}/export" for s in ("clip", "prior", "ar_prior", "decoder", "sr1", "sr2")}))
 PY

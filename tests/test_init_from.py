@@ -9,8 +9,8 @@ from test_train_errors import train_py_error
 
 from configs import shapes
 from unclip_jax import checkpoints, init_from, train_loop, training
-from unclip_jax.stages import build
 from unclip_jax.stages import ar_prior as ar_prior_stage
+from unclip_jax.stages import build
 from unclip_jax.stages import prior as prior_stage
 
 

@@ -205,6 +205,22 @@ def test_sample_py_with_a_damaged_checkpoint_is_one_line(damaged, tmp_path):
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_sample_py_prior_ar_without_an_ar_prior_is_one_line(tmp_path):
+  """--prior ar on a checkpoint whose pipeline.json names no ar_prior folder: one line, before its CLIP
+  or any stage loads (the folder is not even read)."""
+  checkpoint = tmp_path / "checkpoint"
+  checkpoint.mkdir()
+  layout = json.loads(open(os.path.join(DEMO, "pipeline.json")).read())
+  layout.pop("ar_prior", None)
+  (checkpoint / "pipeline.json").write_text(json.dumps(layout))  # and no stage folders at all
+  out = _run(["sample.py"], ["--prompt", "a red circle", "--prior", "ar", "--checkpoint", str(checkpoint),
+                             "--out", "{tmp}/out"], tmp_path)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: {checkpoint}/pipeline.json names no 'ar_prior' folder: this checkpoint has no autoregressive "
+      "prior (use the diffusion prior).")
+
+
 # --- outputs are never replaced by those of other settings ----------------------------------------------------
 
 def _outputs(folder):

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from unclip_jax import hlo_stats, parallel, tpu_chips, train_loop, training
 from unclip_jax.models import clip as clip_lib
-from unclip_jax.stages import decoder, prior, text, upsampler
+from unclip_jax.stages import PRIORS, ar_prior, decoder, prior, text, upsampler
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
@@ -116,11 +116,14 @@ def build_stage(config, clip: ClipShapes):
   """The stage train.py would build (stages/build.py), on the stand-in CLIP and zero data."""
   if config.stage == "prior":
     return prior.PriorStage(config, clip, [text.encode_batch(clip, host_batch(config, 2))])
+  if config.stage == "ar_prior":  # its codebook's PCA wants more rows than it keeps codes
+    rows = config.model.num_codes + 1
+    return ar_prior.ARPriorStage(config, clip, [text.encode_batch(clip, host_batch(config, rows))])
   if config.stage == "decoder":
     return decoder.DecoderStage(config, clip, host_batch(config, 1))
   if config.stage in ("sr1", "sr2"):
     return upsampler.UpsamplerStage(config, host_batch(config, 1))
-  raise ValueError(f"the AOT tool compiles the prior, decoder, sr1 and sr2 stages, not {config.stage!r}.")
+  raise ValueError(f"the AOT tool compiles the prior, ar_prior, decoder, sr1 and sr2 stages, not {config.stage!r}.")
 
 
 def config_rules(config) -> tuple:
@@ -174,12 +177,12 @@ def _count(params) -> int:
 def sampler_fn(config, stage):
   """(fn(params, inputs, rng), input keys, rows per example): the stage's sampling loop as sample.py
   runs it (the stage's sampler_from_export), with the config's sampling settings (stage.sampling)."""
-  if config.stage == "prior":
+  if config.stage in PRIORS:
     n = config.get("num_candidates", 2)
     # At the training compute dtype, as the U-Nets' export records carry theirs.
     export = stage.export_config.with_dtype(config.get("compute_dtype", "float32"))
-    fn = prior.sampler_from_export(export, stage.sampling, num_candidates=n)
-    return (lambda p, cond, rng: fn({"params": p, "stats": stage.stats}, cond, stage.uncond, rng)), text.KEYS, n
+    fn = (prior if config.stage == "prior" else ar_prior).sampler_from_export(export, stage.sampling, num_candidates=n)
+    return (lambda p, cond, rng: fn(stage.sampling_variables(p), cond, stage.uncond, rng)), text.KEYS, n
   if config.stage == "decoder":
     fn = decoder.sampler_from_export(stage.export_config, stage.sampling)
     run = lambda p, cond, rng: fn(p, rng=rng, cond=cond, uncond=stage.uncond,

@@ -149,6 +149,9 @@ class ARPriorStage:
     self.model_config = self.export_config.model
     self.model = ar_lib.ARPrior(self.model_config, jnp.dtype(config.get("compute_dtype", "float32")))
     self.uncond = text.unconditional(clip)
+    # How the AOT tool's sampling loop runs it (sample.py: the checkpoint's options): its guidance.
+    self.sampling = contract.StageOptions(self.model_config.num_codes - 1,
+                                          guidance_scale=config.get("guidance_scale", 2.0))
     z_i = np.concatenate([b["z_i"] for b in first_batches])
     z_t = np.concatenate([b["z_t"] for b in first_batches])
     if len(z_i) <= self.model_config.num_codes:
@@ -178,6 +181,9 @@ class ARPriorStage:
   def inference_config(self):
     return self.export_config.to_json()
 
+  def sampling_variables(self, params) -> dict:
+    """What the sampler reads: the network's params and the codebook."""
+    return {"params": params, "codebook": self.codebook}
+
   def export(self, params, export_dir: str):
-    checkpoints.export_inference(export_dir, {"params": params, "codebook": self.codebook},
-                                 self.inference_config())
+    checkpoints.export_inference(export_dir, self.sampling_variables(params), self.inference_config())

@@ -163,5 +163,9 @@ class PriorStage:
   def inference_config(self):
     return self.export_config.to_json()
 
+  def sampling_variables(self, params) -> dict:
+    """What the sampler reads: the network's params and the latent stats."""
+    return {"params": params, "stats": self.stats}
+
   def export(self, params, export_dir: str):
-    checkpoints.export_inference(export_dir, {"params": params, "stats": self.stats}, self.inference_config())
+    checkpoints.export_inference(export_dir, self.sampling_variables(params), self.inference_config())
