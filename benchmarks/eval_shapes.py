@@ -27,7 +27,8 @@ which a CLIP is enough (--clip, or the checkpoint's).
 
 Sampling settings: the checkpoint's (or --preset's), then sample.py's per-stage flags
 (--{stage}_steps, --{stage}_sampler, --{stage}_spacing, --{prior,decoder}_guidance, ...).
-generation_seconds times the sampling after one untimed batch has compiled every loop.
+generation_seconds times the sampling after one untimed batch has compiled every loop (prior_seconds:
+the prior's part; --prior ar runs the checkpoint's autoregressive prior).
 """
 
 import dataclasses
@@ -153,7 +154,7 @@ def main(argv):
   two_object = np.array([s.relation is not None for s in scenes])
   pool = [shapes.sample_scene(_DATA_SEED.value + 2, i).caption for i in range(DISTRACTOR_POOL)]
 
-  generated, gen_seconds, pipe, options = None, None, None, None
+  generated, gen_seconds, prior_seconds, pipe, options = None, None, None, None, None
   if _REAL_ONLY.value:
     clip = _load_clip()
   else:
@@ -170,11 +171,16 @@ def main(argv):
     options = stage_flags.apply(pipe.options_for("text", dict(pipeline_lib.PRESETS[_PRESET.value])
                                                  if _PRESET.value else None))
     jobs = list(zip(captions, range(_SEED.value, _SEED.value + n), strict=True))
-    draw = lambda chunk: pipe.text_to_image([p for p, _ in chunk], [s for _, s in chunk], options=options,
-                                            num_candidates=_CANDIDATES.value, up_to=_UP_TO.value)
-    _batched(draw, jobs[:batch], batch)  # compiles every loop: the timing below is sampling alone
-    start = time.perf_counter()
-    generated = _batched(draw, jobs, batch)
+    # text_to_image in its two halves (the same images), so that the prior's share of the time is known.
+    prior = lambda chunk: pipe.prior([p for p, _ in chunk], [s for _, s in chunk], options=options,
+                                     num_candidates=_CANDIDATES.value)
+    decode = lambda chunk: pipe.decode(np.stack([z for z, _, _ in chunk]), [p for _, p, _ in chunk],
+                                       [s for _, _, s in chunk], options=options, up_to=_UP_TO.value)
+    _batched(decode, [(z, p, s) for z, (p, s) in zip(_batched(prior, jobs[:batch], batch), jobs[:batch])], batch)
+    start = time.perf_counter()  # (the untimed batch above compiled every loop: this is sampling alone)
+    z_i = _batched(prior, jobs, batch)
+    prior_seconds = time.perf_counter() - start
+    generated = imaging.to_uint8(_batched(decode, [(z, p, s) for z, (p, s) in zip(z_i, jobs)], batch))
     gen_seconds = time.perf_counter() - start
   if clip.vision_module is None:
     _fail(f"the CLIP at {clip.path!r} has no image tower; R-precision and FD need a full CLIP.")
@@ -207,7 +213,7 @@ def main(argv):
               "prior_candidates": _CANDIDATES.value,
               "batch_size": batch, "device": f"{jax.local_device_count()} x {jax.devices()[0].device_kind} "
                                                           f"({jax.default_backend()})",
-              "generation_seconds": gen_seconds,
+              "generation_seconds": gen_seconds, "prior_seconds": prior_seconds,
               "options": None if options is None else {k: dataclasses.asdict(v) for k, v in options.items()}}
   print(f"device: {settings['device']}; CLIP: {clip.path}; {n} captions of Shapes seed {_DATA_SEED.value} "
         f"({rows['real']['num_two_object']} with two objects), {resolution}x{resolution} px, "
@@ -215,7 +221,8 @@ def main(argv):
   if generated is not None:
     print(f"checkpoint: {_CHECKPOINT.value}; preset: {_PRESET.value or 'checkpoint default'}; up_to: "
           f"{_UP_TO.value or 'last stage'}; generation {gen_seconds:.1f} s ({gen_seconds / n:.2f} s/image, "
-          "after one untimed batch that compiles)")
+          f"of which the {stage_flags.PRIOR.value} prior {prior_seconds / n:.3f} s; after one untimed batch that "
+          "compiles)")
   print()
   print("| images | R-precision | FD (CLIP z_i) | colour acc | shape acc | relation acc (two-object) | count acc "
         "| CLIP relation (two-object) |")

@@ -1,11 +1,14 @@
-"""Quality against sampling time on the Shapes demo: today's settings and DPM-Solver++ at fewer steps.
+"""Quality against sampling time on the Shapes demo: today's settings, DPM-Solver++ at fewer steps, and
+the autoregressive prior in the diffusion prior's place.
 
   python -m benchmarks.time_to_quality [--num_prompts 200] [--steps 5,8,10,15] [--plot docs/time_to_quality.png]
+  python -m benchmarks.time_to_quality --rows checkpoint,ar_prior   # the two priors (docs/benchmarks.md)
   python -m benchmarks.time_to_quality --table   # the table (and plot) of the rows run so far
 
 Each row is one benchmarks/eval_shapes.py run (its own process, the same 200 held-out captions and
-seeds): "checkpoint" samples with the demo's recommended settings; "dpmpp_2m N" runs the prior and
-the decoder with DPM-Solver++ (2M, log-SNR spacing) at N steps each, the upsamplers as recommended.
+seeds): "checkpoint" samples with the demo's recommended settings; "ar_prior" the same with the
+demo's AR prior (--prior ar); "dpmpp_2m N" runs the prior and the decoder with DPM-Solver++ (2M,
+log-SNR spacing) at N steps each, the upsamplers as recommended.
 A row's JSON is kept in benchmarks/results/time_to_quality/ and a kept row is not run again, so the
 table fills in over several sessions. Prints a markdown table (seconds per image after compiling;
 R-precision, colour and relation accuracy with their standard errors) and draws quality against
@@ -33,7 +36,7 @@ METRICS = (("r_precision", "R-precision", "num_images"), ("color", "colour acc",
 
 def rows(steps: list[int]) -> dict[str, list[str]]:
   """Row name -> eval_shapes flags."""
-  out = {"checkpoint": []}
+  out = {"checkpoint": [], "ar_prior": ["--prior=ar"]}
   for n in steps:
     out[f"dpmpp_2m {n}"] = [flag for stage in ("prior", "decoder") for flag in (
         f"--{stage}_sampler=dpmpp_2m", f"--{stage}_steps={n}", f"--{stage}_spacing=logsnr")]
@@ -60,13 +63,16 @@ def table(paths: list[str]) -> tuple[str, list[dict]]:
       r = json.load(f)
     generated, settings = r["rows"]["generated"], r["settings"]
     name = os.path.basename(path).rsplit("__", 1)[0].replace("_", " ").replace("dpmpp 2m", "dpmpp_2m")
-    results.append({"name": name, "seconds": settings["generation_seconds"] / generated["num_images"],
+    images = generated["num_images"]
+    prior_seconds = settings.get("prior_seconds")  # (absent from rows run before it was timed)
+    results.append({"name": name, "seconds": settings["generation_seconds"] / images,
+                    "prior_seconds": float("nan") if prior_seconds is None else prior_seconds / images,
                     **{k: (generated[k], _stderr(generated[k], generated[n])) for k, _, n in METRICS}})
   results.sort(key=lambda r: r["seconds"])
-  head = "| setting | s / image | " + " | ".join(label for _, label, _ in METRICS) + " |"
-  lines = [head, "|" + "---|" * (2 + len(METRICS))]
+  head = "| setting | s / image | prior's s / image | " + " | ".join(label for _, label, _ in METRICS) + " |"
+  lines = [head, "|" + "---|" * (3 + len(METRICS))]
   for r in results:
-    lines.append(f"| {r['name']} | {r['seconds']:.3f} | "
+    lines.append(f"| {r['name']} | {r['seconds']:.3f} | {r['prior_seconds']:.3f} | "
                  + " | ".join(f"{r[k][0]:.3f} +- {r[k][1]:.3f}" for k, _, _ in METRICS) + " |")
   return "\n".join(lines), results
 
@@ -91,6 +97,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_prompts", type=int, default=200)
   parser.add_argument("--steps", default="5,8,10,15", help="DPM-Solver++ steps of the prior and the decoder")
+  parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
   parser.add_argument("--table", action="store_true", help="only tabulate the rows run so far")
   parser.add_argument("--plot", default=None, help="draw the plot to this PNG")
   args = parser.parse_args()
@@ -98,8 +105,12 @@ def main():
   if args.table:
     paths = sorted(glob.glob(os.path.join(RESULTS, f"*__{args.num_prompts}.json")))
   else:
-    paths = [run_row(name, flags, args.num_prompts)
-             for name, flags in rows([int(n) for n in args.steps.split(",")]).items()]
+    every = rows([int(n) for n in args.steps.split(",")])
+    names = args.rows.split(",") if args.rows else list(every)
+    unknown = [n for n in names if n not in every]
+    if unknown:
+      parser.error(f"unknown rows {unknown}; expected some of {', '.join(every)}.")
+    paths = [run_row(name, every[name], args.num_prompts) for name in names]
   text, results = table(paths)
   print(text)
   if args.plot and results:
