@@ -43,12 +43,15 @@ def parse_arg(arg: str, stages, **options) -> ml_collections.ConfigDict:
 
 # UNetConfig fields that the stage sets (from the CLIP and its role), not the config.
 DERIVED_UNET_FIELDS = ("in_channels", "out_channels", "low_res_channels", "text_proj", "dtype")
+DERIVED_TEXT_ENCODER_FIELDS = ("vocab_size", "num_tokens")  # the CLIP tokenizer's
 
 
 def unet_model(cfg: unet_lib.UNetConfig, **extra) -> ml_collections.ConfigDict:
   """A UNetConfig as a config's `model`, the stage-derived fields left out. Tuples stay tuples, so
   `--config.model.block_channels='(128, 256)'` overrides them from the command line."""
   fields = {k: v for k, v in cfg.to_dict().items() if k not in DERIVED_UNET_FIELDS}
+  if fields.get("text_encoder"):
+    fields["text_encoder"] = {k: v for k, v in fields["text_encoder"].items() if k not in DERIVED_TEXT_ENCODER_FIELDS}
   return ml_collections.ConfigDict(dict(fields, **extra))
 
 
@@ -56,9 +59,11 @@ def tiny_unet(cfg: unet_lib.UNetConfig) -> unet_lib.UNetConfig:
   """The same U-Net shape (levels, attention, conditioning) at a size a laptop trains in seconds:
   16 channels per unit of the original's channel multipliers, one layer per level."""
   base = cfg.block_channels[0]
+  text_encoder = cfg.text_encoder and dataclasses.replace(cfg.text_encoder, width=32, num_layers=2, num_heads=2)
   return dataclasses.replace(cfg, block_channels=tuple(16 * max(1, c // base) for c in cfg.block_channels),
                              layers_per_block=1, head_dim=8, norm_groups=8,
-                             context_dim=32 if cfg.context_dim else None, time_embed_dim=None)
+                             context_dim=32 if cfg.context_dim else None, time_embed_dim=None,
+                             text_encoder=text_encoder)
 
 
 def tiny_run(c: ml_collections.ConfigDict) -> None:

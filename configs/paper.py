@@ -83,7 +83,7 @@ def shrink(c: ml_collections.ConfigDict) -> None:
       c.model.update(num_codes=8, num_buckets=64, num_dot_buckets=8)
     c.stats_batches = 2 if c.stage == "ar_prior" else 1
   else:
-    c.model = common.unet_model(common.tiny_unet(unet_lib.UNetConfig(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in c.model.items() if k != "extra_tokens"})),
-        **({"extra_tokens": c.model.extra_tokens} if "extra_tokens" in c.model else {}))
+    fields = {k: v for k, v in c.model.to_dict().items() if k != "extra_tokens"}
+    c.model = common.unet_model(common.tiny_unet(unet_lib.UNetConfig.from_dict(fields)),
+                                **({"extra_tokens": c.model.extra_tokens} if "extra_tokens" in c.model else {}))
   common.tiny_run(c)

@@ -67,9 +67,12 @@ def _decoder_batch(b=2):
 def test_drop_conditioning_rates_and_values():
   b = 4000
   batch = dict(image=np.zeros((b, 1, 1, 3), np.float32), z_i=np.ones((b, 2), np.float32),
-               z_t=np.ones((b, 2), np.float32), tokens=np.ones((b, 3, 2), np.float32), mask=np.ones((b, 3), bool))
+               z_t=np.ones((b, 2), np.float32), tokens=np.ones((b, 3, 2), np.float32), mask=np.ones((b, 3), bool),
+               ids=np.full((b, 3), 7, np.int32))
   uncond = dict(z_t=np.full((1, 2), -1.0, np.float32), tokens=np.full((1, 3, 2), -1.0, np.float32),
-                mask=np.array([[True, False, False]]))
+                mask=np.array([[True, False, False]]), ids=np.array([[1, 2, 0]], np.int32))
+  with pytest.raises(ValueError, match="uncond has no 'ids'"):
+    decoder.drop_conditioning(jax.random.PRNGKey(0), batch, {k: v for k, v in uncond.items() if k != "ids"})
   out = decoder.drop_conditioning(jax.random.PRNGKey(0), batch, uncond)
   dropped_text = np.asarray(out["z_t"][:, 0] < 0)
   assert abs(np.asarray(out["drop_image"]).mean() - 0.1) < 0.02
@@ -78,6 +81,8 @@ def test_drop_conditioning_rates_and_values():
   np.testing.assert_array_equal(np.asarray(out["tokens"][dropped_text]), -1.0)
   np.testing.assert_array_equal(np.asarray(out["mask"][dropped_text]), [[True, False, False]] * dropped_text.sum())
   np.testing.assert_array_equal(np.asarray(out["tokens"][~dropped_text]), 1.0)
+  np.testing.assert_array_equal(np.asarray(out["ids"][dropped_text]), [[1, 2, 0]] * dropped_text.sum())
+  np.testing.assert_array_equal(np.asarray(out["ids"][~dropped_text]), 7)
   # Image and text drops are independent draws.
   assert abs(np.mean(np.asarray(out["drop_image"])[dropped_text]) - 0.1) < 0.03
 
@@ -172,7 +177,7 @@ def test_decoder_sample_with_unit_guidance_is_the_conditional_chain(decoder_para
   # conditional chain, same noise), 8 for the second (must not).
   guided = decoder.sample(params, cfg, schedule, rng, cond, uncond, guidance_scale=jnp.array([1.0, 8.0]), size=8)
   model = unet_lib.UNet(cfg)
-  plain = samplers.sample(lambda x, t: model.apply({"params": params}, x, t, **decoder.unet_inputs(cond)), schedule,
+  plain = samplers.sample(lambda x, t: model.apply({"params": params}, x, t, **decoder.unet_inputs(cond, cfg)), schedule,
                           rng, shape=(2, 8, 8, 3), variance_type="learned_range")
   plain = np.clip(np.asarray(plain), -1, 1)
   np.testing.assert_allclose(np.asarray(guided[0]), plain[0], atol=1e-5)

@@ -270,5 +270,33 @@ def test_named_configs_have_the_papers_shapes():
   assert 0.65e9 < n["karlo_super_res"] < 0.75e9
   assert 0.65e9 < n["paper_sr_64_256"] < 0.75e9
   assert 0.25e9 < n["paper_sr_256_1024"] < 0.32e9
+  # The paper's 3.5B decoder: the 2.25B U-Net with GLIDE's text transformer (24 x 2048, ~1.2B), within 5%.
+  assert abs(n["paper_decoder"] / 3.5e9 - 1) < 0.05, n["paper_decoder"]
+  assert 2.2e9 < sum(x.size for x in jax.tree.leaves(unet_lib.param_shapes(unet_lib.paper_decoder(text_encoder=None))))
   assert unet_lib.paper_decoder().block_channels == (512, 1024, 1536, 2048)
   assert unet_lib.paper_sr_256_1024().block_channels == (192, 192, 384, 384, 768, 768)
+
+
+def test_a_decoder_with_its_own_text_encoder_reads_the_captions_tokens_and_not_padding():
+  """config.text_encoder (GLIDE's transformer): the output follows the caption's token ids, but not the
+  ids at padded positions (their learned padding embedding stands in), and takes no CLIP token encodings;
+  the text transformer's parameters get gradients through the context and the time embedding."""
+  encoder = unet_lib.TextEncoderConfig(vocab_size=50, num_tokens=TEXT_LEN, width=24, num_layers=2, num_heads=2)
+  cfg = _tiny_decoder_config(text_encoder=encoder)
+  params = unet_lib.init_params(cfg, jax.random.PRNGKey(0))
+  x, t, kw = _decoder_inputs()
+  ids = np.array([[3, 7, 0, 0, 0], [4, 9, 11, 2, 5]], np.int32)
+  kw = dict(image_embed=kw["image_embed"], text_ids=ids, text_mask=kw["text_mask"])
+  run = jax.jit(lambda p, ids: unet_lib.UNet(cfg).apply({"params": p}, x, t, **dict(kw, text_ids=ids)))
+  base = run(params, ids)
+  np.testing.assert_allclose(run(params, ids.copy() + np.array([[0, 0, 5, 6, 7], [0] * 5])), base, atol=1e-6)
+  changed = run(params, ids + np.array([[1, 0, 0, 0, 0], [0] * 5]))
+  assert np.abs(np.asarray(changed[0] - base[0])).max() > 1e-4
+  np.testing.assert_allclose(changed[1], base[1], atol=1e-6)
+  assert "text_encoder" in params and "encoder_hidden_states_proj" not in params["text_proj"]
+  grads = jax.grad(lambda p: jnp.mean(run(p, ids) ** 2))(params)
+  for name in ("token_embedding", "final_ln"):
+    assert float(max(jnp.abs(g).max() for g in jax.tree.leaves(grads["text_encoder"][name]))) > 0
+  assert float(jnp.abs(grads["text_proj"]["transformer_proj"]["kernel"]).max()) > 0
+  with pytest.raises(ValueError, match="needs text_ids"):
+    unet_lib.UNet(cfg).apply({"params": params}, x, t, image_embed=kw["image_embed"], text_mask=kw["text_mask"])

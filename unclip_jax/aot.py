@@ -73,13 +73,15 @@ class ClipShapes:
   embed_dim: int = VIT_L_14[0]
   text_width: int = VIT_L_14[1]
   max_length: int = VIT_L_14[2]
+  vocab_size: int = 49408  # CLIP's BPE
 
   def encode_text(self, prompts) -> clip_lib.TextEncoding:
     n = 1 if isinstance(prompts, str) else len(prompts)
     mask = np.zeros((n, self.max_length), bool)
     mask[:, :2] = True  # start and end tokens
     return clip_lib.TextEncoding(np.zeros((n, self.embed_dim), np.float32),
-                                 np.zeros((n, self.max_length, self.text_width), np.float32), mask)
+                                 np.zeros((n, self.max_length, self.text_width), np.float32), mask,
+                                 np.zeros((n, self.max_length), np.int32))
 
   def encode_image(self, images, value_range=(0.0, 1.0)):
     del value_range

@@ -47,6 +47,7 @@ class TextEncoding(NamedTuple):
   embedding: jnp.ndarray  # [B, D] z_t, projected EOS feature (not L2-normalised)
   tokens: jnp.ndarray  # [B, L, W] last hidden state, L = 77
   mask: jnp.ndarray  # [B, L] bool, True on real tokens (BOS .. EOS)
+  ids: jnp.ndarray | None = None  # [B, L] int32, the tokenizer's (a decoder with its own text encoder reads them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,11 @@ class FrozenCLIP:
   def text_width(self) -> int:
     return int(self.params["text_projection"]["kernel"].shape[0])
 
+  @property
+  def vocab_size(self) -> int:
+    """Token ids are below this (the token embedding's rows)."""
+    return int(self.params["text_model"]["embeddings"]["token_embedding"]["embedding"].shape[0])
+
   def tokenize(self, prompts: str | Sequence[str]):
     """(ids [B, L] int32, mask [B, L] bool); over-long prompts truncated with a warning."""
     if isinstance(prompts, str):
@@ -174,10 +180,11 @@ class FrozenCLIP:
     return jnp.asarray(enc["input_ids"], jnp.int32), jnp.asarray(enc["attention_mask"], bool)
 
   def encode_text(self, prompts: str | Sequence[str]) -> TextEncoding:
-    """z_t [B, D], token encodings [B, 77, W] and mask [B, 77]; "" is the unconditional text."""
+    """z_t [B, D], token encodings [B, 77, W], mask [B, 77] and the token ids; "" is the unconditional
+    text."""
     ids, mask = self.tokenize(prompts)
     z_t, tokens = self._text_fn(self.params, ids)
-    return TextEncoding(z_t, tokens, mask)
+    return TextEncoding(z_t, tokens, mask, ids)
 
   def encode_image(self, images, value_range=(0.0, 1.0)) -> jnp.ndarray:
     """z_i [B, D] from [B, H, W, 3] uint8 or float (in value_range) images of any size."""

@@ -33,8 +33,10 @@ import jax.numpy as jnp
 
 from unclip_jax import parallel
 from unclip_jax.models.layers import GroupNorm, TimestepMLP, dot_product_attention, timestep_embedding
+from unclip_jax.models.text_encoder import TextEncoder
 from unclip_jax.models.unet_config import (  # noqa: F401 (re-exported: callers keep using unet_lib.UNetConfig etc.)
   CONFIGS,
+  TextEncoderConfig,
   TextProjConfig,
   UNetConfig,
   karlo_decoder,
@@ -142,12 +144,19 @@ class AddedKVAttention(nn.Module):
 class TextProj(nn.Module):
   """diffusers' UnCLIPTextProjModel: z_i -> 4 extra context tokens, z_t and z_i
   -> the time-embedding addition, text tokens -> Linear + LayerNorm; z_i may be
-  swapped for the learned null embedding per example (classifier-free guidance)."""
+  swapped for the learned null embedding per example (classifier-free guidance).
+
+  own_text (the paper's decoder): text_embed and text_tokens are the U-Net's own
+  text transformer's last output and outputs (models/text_encoder.py): the last
+  is projected into the time embedding ("transformer_proj", GLIDE's), the
+  outputs are the context as they are.
+  """
   config: TextProjConfig
   context_dim: int
   time_embed_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  own_text: bool = False
 
   @nn.compact
   def __call__(self, image_embed, text_embed, text_tokens, text_mask=None, drop_image=None):
@@ -160,15 +169,19 @@ class TextProj(nn.Module):
       image_embed = jnp.where(jnp.asarray(drop_image, bool)[:, None], null[None, :].astype(image_embed.dtype),
                               image_embed)
     b = image_embed.shape[0]
-    time_add = (dense(self.time_embed_dim, name="embedding_proj")(text_embed) +
+    text_time = dense(self.time_embed_dim, name="transformer_proj" if self.own_text else "embedding_proj")
+    time_add = (text_time(text_embed) +
                 dense(self.time_embed_dim, name="clip_image_embeddings_project_to_time_embeddings")(image_embed))
     # diffusers reshapes the projection to [B, Dc, K] and transposes: channel c of
     # token k is output c * K + k.
     extra = dense(cfg.extra_tokens * self.context_dim, name="clip_extra_context_tokens_proj")(image_embed)
     extra = extra.reshape(b, self.context_dim, cfg.extra_tokens).transpose(0, 2, 1)  # [B, K, Dc]
-    tokens = dense(self.context_dim, name="encoder_hidden_states_proj")(text_tokens)
-    tokens = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="text_encoder_hidden_states_norm")(tokens)  # [B, L, Dc]
+    if self.own_text:
+      tokens = text_tokens.astype(self.dtype)  # [B, L, Dc]
+    else:
+      tokens = dense(self.context_dim, name="encoder_hidden_states_proj")(text_tokens)
+      tokens = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="text_encoder_hidden_states_norm")(tokens)  # [B, L, Dc]
     context = jnp.concatenate([extra.astype(tokens.dtype), tokens], axis=1)  # [B, K + L, Dc]
     if text_mask is None:
       text_mask = jnp.ones(text_tokens.shape[:2], bool)
@@ -318,7 +331,9 @@ class UNet(nn.Module):
     apply(params, x [B,H,W,3], t [B], image_embed=[B,D], text_embed=[B,D],
           text_tokens=[B,L,W], text_mask=[B,L], drop_image=[B] bool) -> [B,H,W,out]
     drop_image swaps z_i for the learned null embedding (CFG training and the
-    unconditional half of guided sampling).
+    unconditional half of guided sampling). With config.text_encoder (the
+    paper's decoder) text_ids=[B,L] int and text_mask replace text_embed and
+    text_tokens: the U-Net encodes the caption itself (GLIDE's transformer).
   Upsampler (config.low_res_channels > 0):
     apply(params, x [B,H,W,3], t [B], low_res=[B,h,w,3]) -> [B,H,W,3]
     low_res is resized to H x W inside (see resize_low_res).
@@ -330,7 +345,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, *, image_embed=None, text_embed=None, text_tokens=None, text_mask=None,
-               drop_image=None, low_res=None, context=None, context_mask=None, time_cond=None,
+               text_ids=None, drop_image=None, low_res=None, context=None, context_mask=None, time_cond=None,
                train: bool = False):
     cfg = self.config.validate()
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -346,19 +361,26 @@ class UNet(nn.Module):
                               downscale_freq_shift=cfg.freq_shift)  # [B, C0]
     temb = TimestepMLP(cfg.temb_dim, dtype=dtype, name="time_embedding")(temb.astype(dtype))  # [B, E]
 
+    if cfg.text_encoder is not None:  # the paper's decoder: its own text transformer over the token ids
+      if text_ids is None or text_mask is None:
+        raise ValueError("This decoder encodes the caption itself: it needs text_ids and text_mask (the CLIP "
+                         "tokenizer's; the conditioning's \"ids\" and \"mask\").")
+      text_tokens, text_embed = TextEncoder(cfg.text_encoder, dtype, param_dtype, name="text_encoder")(
+          text_ids, text_mask, deterministic=not train)
     if cfg.text_proj is not None:
       for name, value in (("image_embed", image_embed), ("text_embed", text_embed), ("text_tokens", text_tokens)):
         if value is None:
           raise ValueError(f"The decoder needs {name}.")
-      if image_embed.shape[-1] != cfg.text_proj.clip_dim or text_embed.shape[-1] != cfg.text_proj.clip_dim:
-        raise ValueError(f"image_embed and text_embed must have width {cfg.text_proj.clip_dim}, got "
-                         f"{image_embed.shape} and {text_embed.shape}.")
+      if image_embed.shape[-1] != cfg.text_proj.clip_dim:
+        raise ValueError(f"image_embed must have width {cfg.text_proj.clip_dim}, got {image_embed.shape}.")
+      if cfg.text_encoder is None and text_embed.shape[-1] != cfg.text_proj.clip_dim:
+        raise ValueError(f"text_embed must have width {cfg.text_proj.clip_dim}, got {text_embed.shape}.")
       if text_tokens.ndim != 3 or text_tokens.shape[0] != b:
         raise ValueError(f"text_tokens must be [B={b}, L, W], got {text_tokens.shape}.")
       # With encoder_hid_dim, diffusers' text proj emits that width and encoder_hid_proj maps it to context_dim.
       context, context_mask, time_cond = TextProj(cfg.text_proj, cfg.encoder_hid_dim or cfg.context_dim,
-                                                  cfg.temb_dim, dtype,
-                                                  param_dtype, name="text_proj")(
+                                                  cfg.temb_dim, dtype, param_dtype,
+                                                  own_text=cfg.text_encoder is not None, name="text_proj")(
           image_embed, text_embed, text_tokens, text_mask, drop_image)
     elif drop_image is not None or image_embed is not None:
       raise ValueError("image_embed/drop_image given but this U-Net has no text_proj.")
@@ -407,7 +429,11 @@ def dummy_inputs(cfg: UNetConfig, batch: int = 1, size: int | None = None, text_
   x = jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
   kw = {}
-  if cfg.text_proj is not None:
+  if cfg.text_encoder is not None:
+    kw = dict(image_embed=jnp.zeros((batch, cfg.text_proj.clip_dim)),
+              text_ids=jnp.zeros((batch, cfg.text_encoder.num_tokens), jnp.int32),
+              text_mask=jnp.ones((batch, cfg.text_encoder.num_tokens), bool))
+  elif cfg.text_proj is not None:
     d = cfg.text_proj.clip_dim
     kw = dict(image_embed=jnp.zeros((batch, d)), text_embed=jnp.zeros((batch, d)),
               text_tokens=jnp.zeros((batch, text_len, cfg.text_proj.text_dim or d)),

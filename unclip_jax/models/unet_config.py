@@ -19,6 +19,23 @@ class TextProjConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+  """GLIDE's text transformer (Nichol et al. 2021), trained with the decoder as in the paper's 3.5B
+  decoder: token ids (the CLIP tokenizer's) -> every token's output, the attention context, and the
+  last token's, added to the time embedding (unclip_jax/models/text_encoder.py)."""
+  vocab_size: int = 49408  # CLIP's BPE vocabulary
+  num_tokens: int = 77  # CLIP's context (GLIDE: 128)
+  width: int = 2048  # = the U-Net's context_dim: attention reads the outputs directly, as GLIDE's
+  num_layers: int = 24
+  num_heads: int = 32
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-5
+  scan_layers: bool = True  # see PriorConfig: one traced block
+  remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Shapes and options of one U-Net (see the named configs at the bottom)."""
   block_channels: tuple[int, ...] = (320, 640, 960, 1280)
@@ -31,6 +48,9 @@ class UNetConfig:
   out_channels: int = 3  # 6 = eps and variance interpolation ("learned_range")
   context_dim: int | None = None  # width of the attention context (diffusers' cross_attention_dim)
   text_proj: TextProjConfig | None = None  # the decoder's CLIP conditioning
+  # The paper's decoder: its own text transformer over the caption's token ids in place of CLIP's
+  # token encodings and z_t (None: Karlo's frozen-CLIP path).
+  text_encoder: TextEncoderConfig | None = None
   encoder_hid_dim: int | None = None  # diffusers' optional "text_proj" encoder_hid_proj
   time_embed_dim: int | None = None  # None: 4 * block_channels[0]
   scale_shift: bool = True  # resnet_time_scale_shift "scale_shift" (AdaGN) vs "default"
@@ -65,6 +85,8 @@ class UNetConfig:
         d[key] = tuple(d[key])
     if d.get("text_proj") is not None and not isinstance(d["text_proj"], TextProjConfig):
       d["text_proj"] = TextProjConfig(**d["text_proj"])
+    if d.get("text_encoder") is not None and not isinstance(d["text_encoder"], TextEncoderConfig):
+      d["text_encoder"] = TextEncoderConfig(**d["text_encoder"])
     return cls(**d)
 
   @property
@@ -89,6 +111,12 @@ class UNetConfig:
           raise ValueError(f"head_dim {self.head_dim} is larger than the {c} channels of an attention level.")
     if self.text_proj is not None and not uses_attention:
       raise ValueError("text_proj is set but no level has attention to read the context.")
+    if self.text_encoder is not None:
+      if self.text_proj is None:
+        raise ValueError("text_encoder needs text_proj (the decoder's z_i conditioning).")
+      if self.text_encoder.width != (self.encoder_hid_dim or self.context_dim):
+        raise ValueError(f"text_encoder width {self.text_encoder.width} must equal the context width "
+                         f"{self.encoder_hid_dim or self.context_dim}: attention reads its outputs directly.")
     if self.low_res_channels < 0 or self.in_channels < 1 or self.out_channels < 1:
       raise ValueError("in_channels/out_channels must be positive and low_res_channels non-negative.")
     for name in ("dtype", "param_dtype"):
@@ -173,14 +201,16 @@ def karlo_super_res(**overrides) -> UNetConfig:
 
 def paper_decoder(**overrides) -> UNetConfig:
   """The paper's 3.5B decoder (Table 3): 512 ch x (1, 2, 3, 4), 3 res blocks,
-  attention at 32/16/8 with 64-channel heads, dropout 0.1, learned variance.
-  The context width is not given; 2048 (GLIDE's text width) is our choice.
+  attention at 32/16/8 with 64-channel heads, dropout 0.1, learned variance,
+  and GLIDE's text transformer (24 blocks of width 2048, ~1.2B parameters) whose
+  outputs are the attention context (beside z_i's 4 tokens); 2.3B without it
+  (text_encoder=None: CLIP's token encodings, as Karlo).
   Unscanned, as the upsamplers: with runs of only 2-3 identical layers, scan_layers=True did not
   make the CPU compile cheaper (docs/scaling.md)."""
   cfg = UNetConfig(block_channels=(512, 1024, 1536, 2048), layers_per_block=3,
                    attention_levels=(False, True, True, True), mid_attention=True, head_dim=64,
                    in_channels=3, out_channels=6, context_dim=2048, scale_shift=True, dropout=0.1,
-                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4))
+                   text_proj=TextProjConfig(clip_dim=768, extra_tokens=4), text_encoder=TextEncoderConfig())
   return dataclasses.replace(cfg, **overrides)
 
 

@@ -21,11 +21,17 @@ from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages import contract, denoising, text
 
-COND_KEYS = ("z_i",) + text.KEYS
+COND_KEYS = ("z_i",) + text.KEYS  # and the token ids, which a decoder with its own text encoder reads
 
 
-def unet_inputs(cond: dict) -> dict:
-  """The conditioning as the U-Net's keyword arguments (diffusers' names)."""
+def unet_inputs(cond: dict, cfg: unet_lib.UNetConfig) -> dict:
+  """The conditioning as the U-Net's keyword arguments (diffusers' names): CLIP's text encodings, or
+  for the paper's decoder (its own text encoder) the token ids."""
+  if cfg.text_encoder is not None:
+    if text.IDS not in cond:
+      raise ValueError("This decoder encodes captions itself (config text_encoder): its conditioning needs the "
+                       "token ids, \"ids\" (stages/text.py).")
+    return {"image_embed": cond["z_i"], "text_ids": cond[text.IDS], "text_mask": cond["mask"]}
   return {"image_embed": cond["z_i"], "text_embed": cond["z_t"], "text_tokens": cond["tokens"],
           "text_mask": cond["mask"]}
 
@@ -53,7 +59,7 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, batch: dict, r
   model = unet_lib.UNet(cfg)
 
   def apply(x_t, t, dropout_rng):
-    return model.apply({"params": params}, x_t, t, **unet_inputs(batch), drop_image=batch.get("drop_image"),
+    return model.apply({"params": params}, x_t, t, **unet_inputs(batch, cfg), drop_image=batch.get("drop_image"),
                        train=train, rngs={"dropout": dropout_rng})
 
   return denoising.loss(apply, schedule, batch["image"], rng, prediction_type=prediction_type,
@@ -84,7 +90,7 @@ def guided_model_fn(params, cfg: unet_lib.UNetConfig, cond: dict, uncond: dict, 
   cond = dict(cond, drop_image=jnp.zeros((b,), bool))
 
   def model_fn(x, t, c):
-    return model.apply({"params": params}, x, t, **unet_inputs(c), drop_image=c["drop_image"])
+    return model.apply({"params": params}, x, t, **unet_inputs(c, cfg), drop_image=c["drop_image"])
 
   return samplers.classifier_free_guidance(model_fn, cond, uncond_b, guidance_scale, guided_channels=cfg.in_channels)
 
@@ -168,6 +174,8 @@ class DecoderStage:
     self.clip = clip
     model = config.model.to_dict()
     extra_tokens = model.pop("extra_tokens", 4)
+    if model.get("text_encoder"):  # the CLIP's tokenizer fixes its vocabulary and length
+      model["text_encoder"] = dict(model["text_encoder"], vocab_size=clip.vocab_size, num_tokens=clip.max_length)
     diffusion = contract.Diffusion.from_config(config.diffusion)
     self.unet_config = unet_lib.UNetConfig.from_dict(dict(
         model, in_channels=3, out_channels=denoising.out_channels(3, diffusion.variance_type),
@@ -199,7 +207,7 @@ class DecoderStage:
 
   def sample_images(self, params, rng):
     """Reconstructions of fixed training images from their z_i and captions, beside the originals."""
-    cond = {k: jnp.asarray(self.eval[k]) for k in COND_KEYS}
+    cond = {k: jnp.asarray(self.eval[k]) for k in ("z_i",) + text.fields(self.eval)}
     out = sampler_from_export(self.export_config, self.sampling)(
         params, rng=rng, cond=cond, uncond=self.uncond, guidance_scale=self.sampling.guidance_scale)
     pairs = np.stack([self.eval["image"], np.asarray(out)], axis=1).reshape((-1,) + out.shape[1:])
