@@ -177,8 +177,8 @@ def test_decoder_sample_with_unit_guidance_is_the_conditional_chain(decoder_para
   # conditional chain, same noise), 8 for the second (must not).
   guided = decoder.sample(params, cfg, schedule, rng, cond, uncond, guidance_scale=jnp.array([1.0, 8.0]), size=8)
   model = unet_lib.UNet(cfg)
-  plain = samplers.sample(lambda x, t: model.apply({"params": params}, x, t, **decoder.unet_inputs(cond, cfg)), schedule,
-                          rng, shape=(2, 8, 8, 3), variance_type="learned_range")
+  plain = samplers.sample(lambda x, t: model.apply({"params": params}, x, t, **decoder.unet_inputs(cond, cfg)),
+                          schedule, rng, shape=(2, 8, 8, 3), variance_type="learned_range")
   plain = np.clip(np.asarray(plain), -1, 1)
   np.testing.assert_allclose(np.asarray(guided[0]), plain[0], atol=1e-5)
   assert np.abs(np.asarray(guided[1]) - plain[1]).max() > 1e-3
