@@ -5,7 +5,8 @@
 
 ARG is prior, ar_prior (the autoregressive prior), decoder, sr1 (64 -> 256) or sr2 (256 -> 1024),
 optionally with ",tiny" (e.g. configs/paper.py:decoder,tiny): the same stage with a model small
-enough to try it on a CPU.
+enough to try it on a CPU. The decoder has GLIDE's text transformer (the paper's 3.5B);
+"decoder,text_encoder=false" reads CLIP's token encodings instead (2.25B).
 Data default to a folder of image-caption pairs (or webdataset shards); set
 --config.data.kind=tfds and --config.data.name=coco_captions for tensorflow-datasets. The mesh defaults
 to FSDP over every device; these models do not fit one device's memory. Repeated layers are
@@ -29,7 +30,7 @@ _ITERATIONS = {"prior": 600_000, "ar_prior": 1_000_000, "decoder": 800_000, "sr1
 
 
 def get_config(arg: str = "decoder") -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, tuple(_BATCH), tiny=False)
+  a = common.parse_arg(arg, tuple(_BATCH), tiny=False, text_encoder=True)
   stage = a.stage
   c = common.base_config(stage)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
@@ -59,7 +60,9 @@ def get_config(arg: str = "decoder") -> ml_collections.ConfigDict:
     c.resolution = 224  # what CLIP embeds
     c.stats_batches = 16
   elif stage == "decoder":
-    c.model = common.unet_model(unet_lib.paper_decoder(), extra_tokens=4)
+    # text_encoder=false: CLIP's token encodings in place of GLIDE's text transformer (2.25B, not 3.5B).
+    c.model = common.unet_model(unet_lib.paper_decoder(**({} if a.text_encoder else {"text_encoder": None})),
+                                extra_tokens=4)
     c.resolution, c.decoder_resolution = 224, 64
     c.p_drop_image, c.p_drop_text = 0.1, 0.5
     c.guidance_scale = 3.0
