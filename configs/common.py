@@ -52,6 +52,8 @@ def unet_model(cfg: unet_lib.UNetConfig, **extra) -> ml_collections.ConfigDict:
   fields = {k: v for k, v in cfg.to_dict().items() if k not in DERIVED_UNET_FIELDS}
   if fields.get("text_encoder"):
     fields["text_encoder"] = {k: v for k, v in fields["text_encoder"].items() if k not in DERIVED_TEXT_ENCODER_FIELDS}
+  else:
+    fields.pop("text_encoder", None)  # (None, the default: a config without it names no such key)
   return ml_collections.ConfigDict(dict(fields, **extra))
 
 

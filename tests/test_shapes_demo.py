@@ -99,7 +99,7 @@ def test_train_script_runs_every_stage_and_assembles_a_checkpoint(tmp_path):
   result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "train_shapes_demo.sh"), "tiny", str(runs), str(out)],
                           capture_output=True, text=True, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
-  for stage in ("clip", "prior", "decoder", "sr1", "sr2"):  # two steps each, checkpointed, then exported
+  for stage in ("clip", "prior", "ar_prior", "decoder", "sr1", "sr2"):  # two steps each, checkpointed, exported
     assert "2" in os.listdir(runs / stage / "checkpoints"), stage
     if stage != "clip":  # the CLIP exports a Hugging Face folder
       assert json.load(open(runs / stage / "export" / "config.json"))["stage"] == stage
@@ -109,5 +109,8 @@ def test_train_script_runs_every_stage_and_assembles_a_checkpoint(tmp_path):
   clip_mean = np.asarray(prior_params["stats"]["clip_mean"])  # the latent stats travel with the prior
   assert prior_config["model"]["clip_dim"] == embed_dim and clip_mean.shape == (embed_dim,)
   assert np.all(np.isfinite(clip_mean))
+  codebook = checkpoints.load_inference(str(runs / "ar_prior" / "export"))[0]["codebook"]  # and the AR codebook
+  assert np.asarray(codebook["components"]).shape == (shapes.get_config("ar_prior,tiny").model.num_codes, embed_dim)
   pipe = pipeline.Pipeline.load(str(out))
   assert pipe.stages == ("prior", "decoder", "sr1", "sr2")
+  assert pipeline.Pipeline.load(str(out), prior="ar").exports["prior"].stage == "ar_prior"

@@ -50,8 +50,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.DEFINE_bool("replicate_params", False, "With --sample: params whole on every chip and the batch split over "
                     "all chips, as sample.py runs (default: the config's mesh and rules, as the train loop's "
                     "sample grids run).", **fv)
-  flags.DEFINE_string("clip_dims", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS, or auto: from config.clip_dir's "
-                      "config.json if there is one, else ViT-L/14's (768,768,77).", **fv)
+  flags.DEFINE_string("clip_dims", "auto", "The CLIP's dims EMBED,WIDTH,TOKENS[,VOCAB], or auto: from "
+                      "config.clip_dir's config.json if there is one, else ViT-L/14's (768,768,77,49408).", **fv)
   flags.DEFINE_string("json", None, "Write the report as JSON to this file.", **fv)
   flags.DEFINE_string("cache_dir", None, "Keep each compile's report here (one JSON per config, topology and "
                       "batch) and reuse it: a sizing interrupted between compiles resumes where it stopped.", **fv)
@@ -95,8 +95,8 @@ def clip_shapes(config, spec: str = "auto") -> ClipShapes:
       dims = tuple(int(x) for x in spec.split(","))
     except ValueError:
       dims = ()
-    if len(dims) != 3 or min(dims) < 1:
-      raise ValueError(f"--clip_dims must be auto or EMBED,WIDTH,TOKENS (e.g. 768,768,77), got {spec!r}.")
+    if len(dims) not in (3, 4) or min(dims) < 1:
+      raise ValueError(f"--clip_dims must be auto or EMBED,WIDTH,TOKENS[,VOCAB] (e.g. 768,768,77), got {spec!r}.")
     return ClipShapes(*dims)
   path = os.path.join(config.get("clip_dir") or "", "config.json")
   if config.get("clip_dir") and os.path.isfile(path):
@@ -104,7 +104,7 @@ def clip_shapes(config, spec: str = "auto") -> ClipShapes:
       cfg = json.load(f)
     text_cfg = cfg.get("text_config", cfg)
     return ClipShapes(int(cfg["projection_dim"]), int(text_cfg["hidden_size"]),
-                      int(text_cfg["max_position_embeddings"]))
+                      int(text_cfg["max_position_embeddings"]), int(text_cfg.get("vocab_size", 49408)))
   return ClipShapes(*VIT_L_14)
 
 
@@ -297,8 +297,11 @@ def compile_inputs(config, topology, *, batch_size: int, sample: bool, clip: Cli
   target, and jax's and libtpu's versions. Kept in each cache entry, so entries can be re-keyed."""
   settings = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_KEYS}
   settings["batch_size"] = batch_size
+  clip_dims = dataclasses.astuple(clip)[:3]
+  if settings.get("model", {}).get("text_encoder"):  # a decoder's own text encoder: the vocabulary matters too
+    clip_dims += (clip.vocab_size,)
   return json.loads(json.dumps({"config": settings, "topology": str(topology), "sample": sample,
-                                "clip": dataclasses.astuple(clip), "replicate_params": replicate_params,
+                                "clip": clip_dims, "replicate_params": replicate_params,
                                 "jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu")},
                                default=str))
 
