@@ -22,7 +22,9 @@ TOTAL_STEPS = {"clip": 3000, "prior": 1500, "ar_prior": 3000, "decoder": 12000, 
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
 SAMPLING_OPTIONS = {
     "prior": dict(num_steps=25, sampler="ddpm", guidance_scale=2.0, clip_range=5.0),
-    "ar_prior": dict(guidance_scale=2.0),  # (sample.py --prior ar) its steps are its codes
+    # (sample.py --prior ar; its steps are its codes) guidance 1.5 scored best of 1, 1.5, 2 and 4 on 48
+    # held-out captions; at 4 the guided logits over 1,024 fine buckets collapse (docs/benchmarks.md).
+    "ar_prior": dict(guidance_scale=1.5),
     "decoder": dict(num_steps=25, sampler="ddpm", guidance_scale=3.0),
     "sr1": dict(num_steps=10, sampler="ddim"),
     "sr2": dict(num_steps=10, sampler="ddim"),

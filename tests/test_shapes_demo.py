@@ -88,6 +88,20 @@ def test_the_demo_repaints_the_masked_half_after_the_prompt():
 
 
 @pytest.mark.slow
+def test_the_demos_autoregressive_prior_draws_the_captions():
+  """--prior ar on the demo: the AR prior's z_i for 8 held-out captions, decoded at the decoder's 16 px,
+  show their captions' colours (the analyser's check) at least 6 times (over 200 captions at 64 px its
+  colour accuracy is 0.915, docs/benchmarks.md "The two priors"; 2026-12-01: 8 of 8 here), and it runs
+  with the checkpoint's "ar_prior" options."""
+  pipe = pipeline.Pipeline.load(DEMO, prior="ar")
+  assert pipe.exports["prior"].stage == "ar_prior" and pipe.default_options["prior"].guidance_scale == 1.5
+  captions = [shapes_data.sample_scene(12345, i).caption for i in range(8)]
+  images = pipe.text_to_image(captions, list(range(8)), up_to="decoder")
+  right = [shapes_eval.score_image(image, caption).color for image, caption in zip(images, captions)]
+  assert sum(right) >= 6, list(zip(captions, right))
+
+
+@pytest.mark.slow
 def test_train_script_runs_every_stage_and_assembles_a_checkpoint(tmp_path):
   runs, out = tmp_path / "runs", tmp_path / "demo"
   # The command as on a CPU machine: one device (not conftest.py's 8 fake ones, which only cost compile
