@@ -3,6 +3,7 @@ the autoregressive prior in the diffusion prior's place.
 
   python -m benchmarks.time_to_quality [--num_prompts 200] [--steps 5,8,10,15] [--plot docs/time_to_quality.png]
   python -m benchmarks.time_to_quality --rows checkpoint,ar_prior   # the two priors (docs/benchmarks.md)
+  python -m benchmarks.time_to_quality --steps 8,10 --upsampler_steps 4,6   # the upsamplers faster too
   python -m benchmarks.time_to_quality --table   # the table (and plot) of the rows run so far
 
 Each row is one benchmarks/eval_shapes.py run (its own process, the same 200 held-out captions and
@@ -34,12 +35,19 @@ METRICS = (("r_precision", "R-precision", "num_images"), ("color", "colour acc",
            ("relation", "relation acc (two-object)", "num_two_object"))
 
 
-def rows(steps: list[int]) -> dict[str, list[str]]:
-  """Row name -> eval_shapes flags."""
+def _dpmpp(stages, n: int) -> list[str]:
+  return [flag for stage in stages for flag in (
+      f"--{stage}_sampler=dpmpp_2m", f"--{stage}_steps={n}", f"--{stage}_spacing=logsnr")]
+
+
+def rows(steps: list[int], upsampler_steps: list[int] = ()) -> dict[str, list[str]]:
+  """Row name -> eval_shapes flags. "dpmpp_2m N up M": the upsamplers too, at M DPM-Solver++ steps
+  (they take most of the stack's time)."""
   out = {"checkpoint": [], "ar_prior": ["--prior=ar"]}
   for n in steps:
-    out[f"dpmpp_2m {n}"] = [flag for stage in ("prior", "decoder") for flag in (
-        f"--{stage}_sampler=dpmpp_2m", f"--{stage}_steps={n}", f"--{stage}_spacing=logsnr")]
+    out[f"dpmpp_2m {n}"] = _dpmpp(("prior", "decoder"), n)
+    for m in upsampler_steps:
+      out[f"dpmpp_2m {n} up {m}"] = _dpmpp(("prior", "decoder"), n) + _dpmpp(("sr1", "sr2"), m)
   return out
 
 
@@ -63,6 +71,7 @@ def table(paths: list[str]) -> tuple[str, list[dict]]:
       r = json.load(f)
     generated, settings = r["rows"]["generated"], r["settings"]
     name = os.path.basename(path).rsplit("__", 1)[0].replace("_", " ").replace("dpmpp 2m", "dpmpp_2m")
+    name = name.replace("ar prior", "ar_prior")
     images = generated["num_images"]
     prior_seconds = settings.get("prior_seconds")  # (absent from rows run before it was timed)
     results.append({"name": name, "seconds": settings["generation_seconds"] / images,
@@ -97,6 +106,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_prompts", type=int, default=200)
   parser.add_argument("--steps", default="5,8,10,15", help="DPM-Solver++ steps of the prior and the decoder")
+  parser.add_argument("--upsampler_steps", default="", help="also rows with the upsamplers at these DPM-Solver++ "
+                      "steps (comma-separated; default none)")
   parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
   parser.add_argument("--table", action="store_true", help="only tabulate the rows run so far")
   parser.add_argument("--plot", default=None, help="draw the plot to this PNG")
@@ -105,7 +116,7 @@ def main():
   if args.table:
     paths = sorted(glob.glob(os.path.join(RESULTS, f"*__{args.num_prompts}.json")))
   else:
-    every = rows([int(n) for n in args.steps.split(",")])
+    every = rows([int(n) for n in args.steps.split(",")], [int(m) for m in args.upsampler_steps.split(",") if m])
     names = args.rows.split(",") if args.rows else list(every)
     unknown = [n for n in names if n not in every]
     if unknown:
