@@ -18,10 +18,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from unclip_jax import checkpoints
 from unclip_jax.diffusion import samplers
 from unclip_jax.models import ar_prior as ar_lib
-from unclip_jax.stages import contract, text
+from unclip_jax.stages import contract, prior, text
 
 
 def ar_prior_loss(params, batch: dict, rng, *, model: ar_lib.ARPrior, codebook: dict, uncond: dict,
@@ -134,7 +133,7 @@ def sampler_from_export(export: contract.ARPriorExport, options: contract.StageO
                            num_candidates=num_candidates)
 
 
-class ARPriorStage:
+class ARPriorStage(prior.PriorStageBase):
   """Trains the AR prior on (caption, image) pairs encoded by a frozen CLIP, or on precomputed
   embeddings (data kind "embeddings")."""
 
@@ -172,18 +171,6 @@ class ARPriorStage:
   def loss(self, params, batch, rng):
     return self._loss(params, batch, rng, codebook=self.codebook)
 
-  def encode_batch(self, host_batch):
-    return text.encode_batch(self.clip, host_batch)
-
-  def sample_images(self, params, rng):
-    return None  # the prior makes embeddings; the decoder's grids show them
-
-  def inference_config(self):
-    return self.export_config.to_json()
-
   def sampling_variables(self, params) -> dict:
     """What the sampler reads: the network's params and the codebook."""
     return {"params": params, "codebook": self.codebook}
-
-  def export(self, params, export_dir: str):
-    checkpoints.export_inference(export_dir, self.sampling_variables(params), self.inference_config())

@@ -119,7 +119,27 @@ def sampling_options(config) -> contract.StageOptions:
                                spacing=config.get("sample_spacing", "linspace"))
 
 
-class PriorStage:
+class PriorStageBase:
+  """What both priors' stages share: CLIP-encoded batches, no image grids, an export of the params with
+  the data statistics sampling_variables adds (subclasses set clip, export_config)."""
+
+  def encode_batch(self, host_batch):
+    return text.encode_batch(self.clip, host_batch)
+
+  def sample_images(self, params, rng):
+    return None  # the prior makes embeddings; the decoder's grids show them
+
+  def inference_config(self):
+    return self.export_config.to_json()
+
+  def sampling_variables(self, params) -> dict:
+    raise NotImplementedError
+
+  def export(self, params, export_dir: str):
+    checkpoints.export_inference(export_dir, self.sampling_variables(params), self.inference_config())
+
+
+class PriorStage(PriorStageBase):
   """Trains the prior on (caption, image) pairs encoded by a frozen CLIP, or on
   precomputed embeddings (data kind "embeddings")."""
 
@@ -154,18 +174,6 @@ class PriorStage:
   def loss(self, params, batch, rng):
     return self._loss(params, batch, rng, stats=self.stats)
 
-  def encode_batch(self, host_batch):
-    return text.encode_batch(self.clip, host_batch)
-
-  def sample_images(self, params, rng):
-    return None  # the prior makes embeddings; the decoder's grids show them
-
-  def inference_config(self):
-    return self.export_config.to_json()
-
   def sampling_variables(self, params) -> dict:
     """What the sampler reads: the network's params and the latent stats."""
     return {"params": params, "stats": self.stats}
-
-  def export(self, params, export_dir: str):
-    checkpoints.export_inference(export_dir, self.sampling_variables(params), self.inference_config())
