@@ -19,7 +19,6 @@ import importlib.metadata
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -29,7 +28,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from unclip_jax import hlo_stats, parallel, tpu_chips, train_loop, training
+from unclip_jax import batch_fit, hlo_stats, parallel, tpu_chips, train_loop, training
+from unclip_jax.batch_fit import DoesNotFit
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.stages import PRIORS, ar_prior, decoder, prior, text, upsampler
 
@@ -245,10 +245,6 @@ def report(program: Program, topology: tpu_chips.Topology) -> dict:
           "mfu_bound": mfu_bound}
 
 
-class DoesNotFit(RuntimeError):
-  """XLA refused to compile: the program needs more HBM than the chip has."""
-
-
 def compile_for(config, topology: tpu_chips.Topology, *, sample: bool = False, batch_size: int | None = None,
                 devices=None, clip: ClipShapes | None = None, replicate_params: bool = False) -> tuple[dict, Program]:
   """Builds the stage and compiles its train step (or sampler) for the topology: (report, program).
@@ -278,12 +274,6 @@ def compile_for(config, topology: tpu_chips.Topology, *, sample: bool = False, b
     raise
   program.mesh = {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1}
   return report(program, topology), program
-
-
-def _required_bytes(error: DoesNotFit, fixed: float) -> float | None:
-  """XLA's "memory required for HLO temporaries (12.3G)" (GiB) plus the non-temporary bytes."""
-  m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", str(error))
-  return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) + fixed if m else None
 
 
 # Config entries the compiled step never reads (the data pipeline, logging and checkpoint cadence).
@@ -340,80 +330,23 @@ def cached_compile(cache_dir: str, config, topology, *, sample: bool = False, ba
 
 def fit_batch(config, topology, points, *, sample=False, clip=None, replicate_params=False, max_checks: int = 3,
               known: dict | None = None, cache_dir: str | None = None) -> dict:
-  """The largest global batch that fits, from two compiles: per-chip memory is affine in the per-chip
-  batch (params and optimizer state fixed, activations proportional), so memory = a + b * batch through
-  the two points gives the batch; a compile there checks it. Padding makes small batches cost more than
-  the line says, so a check that misses refits through its own point (a secant step); a batch XLA
-  refuses (its usable HBM is not the table's) is bisected against the largest that fit. At most
-  max_checks checks. known: {global batch: per_chip_bytes} already compiled (e.g. the config's
-  batch), reused where it is a fit point. cache_dir: see cached_compile."""
+  """batch_fit.largest_batch over this config's compiles for the topology (points: two per-chip
+  batches). known: {global batch: per_chip_bytes} already compiled (e.g. the config's batch), reused
+  where it is a fit point. cache_dir: see cached_compile."""
   devices = tpu_chips.compile_only_devices(topology)
   if replicate_params:
     divisor = len(devices)
   else:
     divisor = parallel.batch_size_divisor(parallel.make_mesh(dict(config.mesh), devices=devices), config_rules(config))
-  unit = 1 if sample else config.get("grad_accum_steps", 1)
-  per_chip = [int(p) for p in points]
-  if len(per_chip) != 2 or not 0 < per_chip[0] < per_chip[1] or any(p % unit for p in per_chip):
-    raise ValueError(f"--fit_points takes two increasing per-chip batch sizes, multiples of {unit}, got {points}.")
   compiler = functools.partial(cached_compile, cache_dir) if cache_dir else compile_for
-  compile_at = functools.partial(compiler, config, topology, sample=sample, devices=devices, clip=clip,
-                                 replicate_params=replicate_params)
-  hbm = topology.chip.hbm_bytes
-  # fitting: the largest per-chip batch that compiled within HBM; refused: the smallest XLA refused;
-  # bisect: XLA refused a batch whose bytes the table's HBM holds, so the line cannot place it.
-  measured, fixed, fitting, refused, bisect = [], None, 0, None, False
-  for b in per_chip:
-    try:
-      pc = (known or {}).get(b * divisor) or compile_at(batch_size=b * divisor)[0]["per_chip_bytes"]
-    except DoesNotFit as e:  # XLA says how much it needed: still a point on the line
-      required = None if fixed is None else _required_bytes(e, fixed)
-      if required is None:
-        raise
-      measured.append((b, max(required, hbm + 1)))
-      refused, bisect = b, required <= hbm
-      continue
-    measured.append((b, pc["total"]))
-    fixed = pc["total"] - pc["temps"]
-    fitting = b if pc["total"] <= hbm else fitting
-  (x0, y0), (x1, y1) = measured
-  slope = (y1 - y0) / (x1 - x0)
-  # The line's own answer, before any check: what two compiles say (checks may move it).
-  predicted = int((hbm - (y1 - slope * x1)) // slope) // unit * unit if slope > 0 else None
-  out = {"per_chip_batches": per_chip, "per_chip_totals": [y0, y1], "bytes_fixed": y0 - slope * x0,
-         "bytes_per_example": slope, "checks": [], "per_chip_batch": fitting, "batch_size": fitting * divisor,
-         "verified": fitting > 0, "predicted_batch_size": None if predicted is None else predicted * divisor}
-  for _ in range(max_checks):
-    (x0, y0), (x1, y1) = measured[-2:]
-    slope = (y1 - y0) / (x1 - x0)
-    if bisect:
-      guess = (fitting + refused) // 2
-    elif slope > 0:
-      guess = int((hbm - (y1 - slope * x1)) // slope)
-    else:
-      break
-    guess = min(guess, refused - 1) if refused is not None else guess
-    guess -= guess % unit
-    if guess <= fitting or guess in (x0, x1):
-      break
-    try:
-      checked = compile_at(batch_size=guess * divisor)[0]
-      total = checked["per_chip_bytes"]["total"]
-    except DoesNotFit as e:  # XLA's own limit decides; its count may land under the table's HBM
-      checked, total = None, _required_bytes(e, fixed)
-      bisect = total is None or total <= hbm
-      total = None if bisect else total
-    out["checks"].append([guess, total])
-    if checked is not None and total <= hbm:
-      fitting = guess
-      out.update(per_chip_batch=guess, batch_size=guess * divisor, verified=True, report=checked)
-      if total > 0.95 * hbm:
-        break
-    else:
-      refused = guess if refused is None else min(refused, guess)
-    if total is not None:
-      measured.append((guess, total))
-  return out
+
+  def compile_at(batch_size: int) -> dict:
+    return compiler(config, topology, sample=sample, batch_size=batch_size, devices=devices, clip=clip,
+                    replicate_params=replicate_params)[0]
+
+  return batch_fit.largest_batch(compile_at, [int(p) for p in points], divisor=divisor, hbm=topology.chip.hbm_bytes,
+                                 unit=1 if sample else config.get("grad_accum_steps", 1), max_checks=max_checks,
+                                 known=known)
 
 
 def format_table(result: dict, topology, config, sample: bool, program: Program | None = None) -> str:
