@@ -19,15 +19,18 @@ from configs import common
 
 BATCH_SIZE = {"clip": 64, "prior": 64, "ar_prior": 64, "decoder": 16, "sr1": 16, "sr2": 16}
 TOTAL_STEPS = {"clip": 3000, "prior": 1500, "ar_prior": 3000, "decoder": 12000, "sr1": 600, "sr2": 500}
-# The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields).
+# The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields):
+# the fastest setting of benchmarks/time_to_quality.py's table that matched the earlier 25 / 25 / 10 / 10
+# steps on R-precision, colour and relation at 35% of their time (docs/benchmarks.md, "Time to quality").
 SAMPLING_OPTIONS = {
-    "prior": dict(num_steps=25, sampler="ddpm", guidance_scale=2.0, clip_range=5.0),
+    "prior": dict(num_steps=10, sampler="dpmpp_2m", spacing="logsnr", guidance_scale=2.0, clip_range=5.0),
     # (sample.py --prior ar; its steps are its codes) guidance 1.5 scored best of 1, 1.5, 2 and 4 on 48
     # held-out captions; at 4 the guided logits over 1,024 fine buckets collapse (docs/benchmarks.md).
     "ar_prior": dict(guidance_scale=1.5),
-    "decoder": dict(num_steps=25, sampler="ddpm", guidance_scale=3.0),
-    "sr1": dict(num_steps=10, sampler="ddim"),
-    "sr2": dict(num_steps=10, sampler="ddim"),
+    # DDPM: the decoder lost R-precision under DPM-Solver++ (0.88 at 15 steps against 0.94).
+    "decoder": dict(num_steps=10, sampler="ddpm", guidance_scale=3.0),
+    "sr1": dict(num_steps=3, sampler="ddim"),
+    "sr2": dict(num_steps=3, sampler="ddim"),
 }
 AR_CODES = 32  # PCA dimensions the AR prior keeps of the CLIP's 64 (docs/benchmarks.md)
 VOCABULARY = ("a red green blue yellow purple circle square triangle left right of above below").split()
