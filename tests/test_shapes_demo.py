@@ -74,7 +74,8 @@ def test_sample_py_in_bfloat16_draws_the_captions_colours(tmp_path):
 def test_the_demo_repaints_the_masked_half_after_the_prompt():
   """Inpainting on the demo: a red circle above a blue square, the top half masked and repainted after
   "a green circle above a blue square": the analyser finds green and blue (the red is gone) in each
-  image, and the bottom half is the input's. (2026-12-01: 4 seeds of 4 pass at resample_steps=5.)"""
+  image, and the bottom half is the input's. (4 seeds of 4 pass at resample_steps=5: 2026-12-01 at the
+  earlier 25 / 10 / 10 decoder and upsampler steps, 2026-12-05 at today's 10 / 3 / 3.)"""
   scene = shapes_data.Scene((shapes_data.Thing("circle", "red", 0.5, 0.25, 0.35),
                              shapes_data.Thing("square", "blue", 0.5, 0.75, 0.35)), "above")
   image = shapes_data.render(scene, 64)
@@ -91,8 +92,8 @@ def test_the_demo_repaints_the_masked_half_after_the_prompt():
 def test_the_demos_autoregressive_prior_draws_the_captions():
   """--prior ar on the demo: the AR prior's z_i for 8 held-out captions, decoded at the decoder's 16 px,
   show their captions' colours (the analyser's check) at least 6 times (over 200 captions at 64 px its
-  colour accuracy is 0.915, docs/benchmarks.md "The two priors"; 2026-12-01: 8 of 8 here), and it runs
-  with the checkpoint's "ar_prior" options."""
+  colour accuracy is 0.915, docs/benchmarks.md "The two priors"; 8 of 8 here at 25 and at 10 decoder
+  steps), and it runs with the checkpoint's "ar_prior" options."""
   pipe = pipeline.Pipeline.load(DEMO, prior="ar")
   assert pipe.exports["prior"].stage == "ar_prior" and pipe.default_options["prior"].guidance_scale == 1.5
   captions = [shapes_data.sample_scene(12345, i).caption for i in range(8)]
