@@ -43,6 +43,22 @@ def shapes_clip_dir(tmp_path_factory):
   return str(workdir / "export")
 
 
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory, shapes_clip_dir):
+  """The tiny random stack as an inference checkpoint (tests/tiny_stack.py)."""
+  import tiny_stack
+
+  return tiny_stack.build_stack(tmp_path_factory.mktemp("stack"), shapes_clip_dir)
+
+
+@pytest.fixture(scope="session")
+def pipe(stack_dir):
+  """The tiny stack loaded: one per test process, so its compiled loops serve every test that samples."""
+  from unclip_jax import pipeline
+
+  return pipeline.Pipeline.load(stack_dir)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """A persistent compilation cache, fresh for each test session (under pytest's temp dir) and shared
