@@ -17,10 +17,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's (--no-loadscope-reorder)
+    config.option.loadscopereorder = False  # hand files out in the order below, not by their test counts
+
+
 def pytest_collection_modifyitems(config, items):
   """Files with the most slow-marked tests first (the order within a file kept). CI hands whole files
-  to its two workers (`-n 2 --dist loadfile`, in this order: `--no-loadscope-reorder` in pyproject.toml);
-  a long file handed out last keeps one worker busy while the other has finished."""
+  to its two workers (`-n 2 --dist loadfile`) in this order (pytest_configure); a long file handed out
+  last keeps one worker busy while the other has finished."""
   slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
   items.sort(key=lambda item: -slow[item.path])
 
