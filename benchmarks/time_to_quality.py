@@ -14,7 +14,10 @@ log-SNR spacing) at N steps each, the upsamplers as recommended; "dpmpp_2m N up 
 at M steps; --setting PRIOR/DECODER/UPSAMPLERS gives each part its own SAMPLER:STEPS ("-": the
 checkpoint's), DPM-Solver++ with log-SNR spacing, DDPM and DDIM with the checkpoint's.
 A row's JSON is kept in benchmarks/results/time_to_quality/ and a kept row is not run again, so the
-table fills in over several sessions. Prints a markdown table (seconds per image after compiling;
+table fills in over several sessions; the table reads each row's samplers and steps from its JSON, so a
+kept row shows what it ran with even after the checkpoint's recommended settings changed (the kept
+"checkpoint" and "dpmpp_2m N" rows ran with 2026-12-05's earlier 25 / 25 / 10 / 10: delete a row's JSON to
+run it at today's settings). Prints a markdown table (seconds per image after compiling;
 R-precision, colour and relation accuracy with their standard errors) and draws quality against
 seconds per image to --plot.
 """
