@@ -6,7 +6,7 @@ import ml_collections
 
 from unclip_jax import optim, parallel
 from unclip_jax.models import unet as unet_lib
-from unclip_jax.stages import STAGES
+from unclip_jax.stages import DIFFUSION_STAGES, STAGES
 
 
 def parse_arg(arg: str, stages, **options) -> ml_collections.ConfigDict:
@@ -110,6 +110,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.total_steps = 1000
   c.grad_accum_steps = 1
+  if stage in DIFFUSION_STAGES:
+    # > 0: weight the MSE by min-SNR-gamma (Hang et al. 2023, who use gamma 5) instead of the plain
+    # MSE (losses.min_snr_weight); 0: off.
+    c.min_snr_gamma = 0.0
   c.compute_dtype = "float32"  # "bfloat16": bf16 compute, fp32 params and optimizer state
   hp = optim.PAPER_HPARAMS.get(stage, optim.PAPER_HPARAMS["prior"])
   c.optim = ml_collections.ConfigDict(dict(

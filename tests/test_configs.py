@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from configs import common, karlo, paper, shapes
 from unclip_jax import aot
+from unclip_jax.diffusion import losses
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.stages import STAGES, build
 
@@ -116,6 +117,24 @@ def test_every_key_a_config_sets_is_read(module, stage, tmp_path, monkeypatch):
   loop = _leaves(common.base_config(stage))
   unread = {key for key in _leaves(config) - loop if not key.startswith("data.") and not covered(key)}
   assert not unread, f"{module.__name__}:{stage} sets keys nothing reads: {sorted(unread)}"
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder", "sr1"])
+def test_min_snr_gamma_reaches_the_stage_loss(stage, tmp_path, monkeypatch):
+  """config.min_snr_gamma weights the loss the stage trains on (tests/test_losses.py has the weights'
+  closed form), with the stage's own prediction type; 0 leaves the plain MSE."""
+  monkeypatch.setattr(clip_lib, "load_clip", lambda path: TINY_CLIP)
+  calls = []
+  weight = losses.min_snr_weight
+  monkeypatch.setattr(losses, "min_snr_weight", lambda *a: calls.append(a[2:]) or weight(*a))
+  for gamma in (0.0, 3.0):
+    config = shapes.get_config(f"{stage},tiny")
+    config.update(min_snr_gamma=gamma, clip_dir="stand-in")
+    built, batches = build.build(config, str(tmp_path / str(gamma)))
+    params = jax.eval_shape(built.init_params, jax.random.key(0))
+    jax.eval_shape(built.loss, params, built.encode_batch(next(batches(0))), jax.random.key(1))
+  prediction = {"prior": "x0", "decoder": "eps", "sr1": "v"}[stage]
+  assert calls == [(3.0, prediction)]
 
 
 @pytest.mark.parametrize("module", [paper, karlo, shapes])

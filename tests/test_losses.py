@@ -131,6 +131,30 @@ def test_targets_invert_to_x0(prediction_type):
   np.testing.assert_allclose(loss, 0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_min_snr_loss_is_min_snr_gamma_times_the_x0_error(prediction_type):
+  """Whatever the network predicts, the min-SNR-gamma loss of an arbitrary output is
+  min(SNR_t, gamma) |x0 - x0_hat|^2 (Hang et al. 2023, eq. 9), with x0_hat read the sampler's way, and
+  the unweighted MSE is reported beside it; steps on both sides of SNR = gamma are drawn."""
+  schedule = schedules.make_schedule("cosine", 1000)
+  t = jnp.array([0, 50, 200, 500, 900, 999])
+  acp = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(t)]
+  snr, gamma = acp / (1 - acp), 5.0
+  assert snr.min() < gamma < snr.max()
+  key = jax.random.key(3)
+  x0 = jax.random.uniform(key, (6, 4, 4, 3), minval=-1, maxval=1)
+  noise = jax.random.normal(jax.random.fold_in(key, 1), x0.shape)
+  output = jax.random.normal(jax.random.fold_in(key, 2), x0.shape)  # a network's arbitrary guess
+  x_t = gaussian.q_sample(schedule, x0, t, noise)
+  loss, parts = losses.diffusion_loss(schedule, output, x0, x_t, t, noise, prediction_type=prediction_type,
+                                      min_snr_gamma=gamma)
+  x0_error = np.mean((np.asarray(gaussian.predict_x0(schedule, x_t, t, output, prediction_type)) -
+                      np.asarray(x0)) ** 2, axis=(1, 2, 3))
+  np.testing.assert_allclose(loss, np.minimum(snr, gamma) * x0_error, rtol=2e-3)
+  unweighted, _ = losses.diffusion_loss(schedule, output, x0, x_t, t, noise, prediction_type=prediction_type)
+  np.testing.assert_allclose(parts["mse"], unweighted, rtol=1e-6)
+
+
 def test_wrong_output_channels_is_a_clear_error():
   schedule = schedules.make_schedule("cosine", 1000)
   x = jnp.zeros((2, 4, 4, 3))

@@ -199,8 +199,8 @@ def test_inpainting_keeps_the_pixels_outside_the_mask(pipe):
 
 
 def test_cpu_devices_follow_the_cores_and_the_batch(monkeypatch):
-  """sample.py's split of a CPU host (cli.use_cpu_cores): one device per core, no more than the batch's
-  images, other XLA flags kept, and a device count the user set left alone."""
+  """sample.py's and train.py's split of a CPU host (cli.use_cpu_cores): one device per core, no more
+  than the batch's images, other XLA flags kept, and a device count the user set left alone."""
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
   environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
   assert cli.use_cpu_cores(16, environ) == 4
@@ -209,6 +209,10 @@ def test_cpu_devices_follow_the_cores_and_the_batch(monkeypatch):
   environ = {}
   assert cli.use_cpu_cores(3, environ) == 3 and environ["XLA_FLAGS"].endswith("=3")
   assert cli.use_cpu_cores(0, {}) == 1
+  # train.py's data axis: the largest count of at most one per core that divides the batch
+  assert cli.use_cpu_cores(16, {}, divide_batch=True) == 4
+  assert cli.use_cpu_cores(6, {}, divide_batch=True) == 3
+  assert cli.use_cpu_cores(7, {}, divide_batch=True) == 1
 
 
 def test_interpolation_end_frames_are_the_plain_decodes(pipe):

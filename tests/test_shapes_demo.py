@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import shapes
-from unclip_jax import checkpoints, imaging, pipeline
+from unclip_jax import checkpoints, cli, imaging, pipeline
 from unclip_jax.data import shapes as shapes_data
 from unclip_jax.eval import shapes as shapes_eval
 from unclip_jax.models import clip as clip_lib
@@ -105,15 +105,16 @@ def test_the_demos_autoregressive_prior_draws_the_captions():
 @pytest.mark.slow
 def test_train_script_runs_every_stage_and_assembles_a_checkpoint(tmp_path):
   runs, out = tmp_path / "runs", tmp_path / "demo"
-  # The command as on a CPU machine: one device (not conftest.py's 8 fake ones, which only cost compile
-  # time here; sharded training is tests/test_stage_training.py's and tests/test_multiprocess.py's job).
-  # XLA's backend optimisation level 0: the processes' time is compiling, and what is checked below
-  # (exit status, checkpoints, exports, the assembled checkpoint) does not depend on how fast the code
-  # XLA generates runs.
+  # The command as on a CPU machine: no device count in XLA_FLAGS (not conftest.py's 8 fake devices), so
+  # train.py splits the host into one device per core that divides the batch. XLA's backend optimisation
+  # level 0: the processes' time is compiling, and what is checked below (exit status, devices,
+  # checkpoints, exports, the assembled checkpoint) does not depend on how fast the code XLA generates runs.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
   result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "train_shapes_demo.sh"), "tiny", str(runs), str(out)],
                           capture_output=True, text=True, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
+  devices = cli.use_cpu_cores(shapes.get_config("clip,tiny").batch_size, environ={}, divide_batch=True)
+  assert result.stderr.count(f"Mesh {{'data': {devices}, 'fsdp': 1, 'tensor': 1}}") == 6, result.stderr[-3000:]
   for stage in ("clip", "prior", "ar_prior", "decoder", "sr1", "sr2"):  # two steps each, checkpointed, exported
     assert "2" in os.listdir(runs / stage / "checkpoints"), stage
     if stage != "clip":  # the CLIP exports a Hugging Face folder

@@ -154,6 +154,9 @@ def validate_config(config: ml_collections.ConfigDict):
   need("checkpoint_every", 1)
   need("keep_checkpoints", 1, 3)
   need("sample_every", 0, 0)
+  gamma = config.get("min_snr_gamma", 0.0)
+  if gamma is not None and not gamma >= 0:
+    raise ValueError(f"config.min_snr_gamma must be >= 0 (0: the plain MSE), got {gamma!r}.")
   ema = config.get("ema_decay")
   if ema is not None and not 0 <= ema <= 1:
     raise ValueError(f"config.ema_decay must be in [0, 1], got {ema!r}.")

@@ -48,16 +48,19 @@ def needs_extra(job: str = "training", extra: str = "train"):
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-def use_cpu_cores(batch: int, environ=os.environ) -> int | None:
+def use_cpu_cores(batch: int, environ=os.environ, divide_batch: bool = False) -> int | None:
   """Splits the CPU into one JAX device per core (no more devices than the batch has images), by
   adding DEVICE_COUNT_FLAG to XLA_FLAGS before JAX starts its backends. The sampling pipeline
   batch-splits over local devices, and XLA runs a device's narrow convolutions on one core only, so
   on a CPU host this is up to ~1.6x on 2 cores (docs/benchmarks.md); the images do not change (tests:
-  one device against eight). Left alone when XLA_FLAGS already sets a device count. On a host with an
-  accelerator the CPU devices go unused. Returns the device count set, or None."""
+  one device against eight). divide_batch (training's data axis): the largest count that divides the
+  batch. Left alone when XLA_FLAGS already sets a device count. On a host with an accelerator the CPU
+  devices go unused. Returns the device count set, or None."""
   if DEVICE_COUNT_FLAG in environ.get("XLA_FLAGS", ""):
     return None
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
   count = max(1, min(cores, batch))
+  while divide_batch and batch % count:
+    count -= 1
   environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={count}".strip()
   return count

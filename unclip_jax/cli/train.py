@@ -95,6 +95,11 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("error: --config and --workdir are required, e.g. "
              f"{cli.command('train.py')} --config configs/shapes.py:clip --workdir runs/shapes/clip")
+  config = _CONFIG.value
+  # Before JAX starts: a CPU host trains data-parallel over one device per core (XLA runs a device's
+  # narrow convolutions on one core; docs/benchmarks.md), unless XLA_FLAGS sets a device count.
+  micro_batch = config.batch_size // max(config.get("grad_accum_steps", 1), 1)
+  cpu_devices = cli.use_cpu_cores(micro_batch, divide_batch=True) if micro_batch > 0 else None
   with cli.needs_extra():
     from unclip_jax import init_from, parallel, resume, train_loop
 
@@ -104,8 +109,9 @@ def main(argv):
   with cli.needs_extra():
     from unclip_jax.stages import build
 
-  config = _CONFIG.value
   logging.info("Config:\n%s", config)
+  if cpu_devices is not None:
+    logging.info("CPU devices: %d (one per core; a CPU-only host trains data-parallel over them)", cpu_devices)
   try:
     # Before anything is built or compiled: the run settings, the mesh, the workdir, and a resumed
     # checkpoint's config against this one, or else config.init_from's stage (train_loop.check_before_training);

@@ -57,20 +57,37 @@ def vlb_term(schedule: Schedule, x0, x_t, i, mean_output, var_output, *, predict
   return jnp.where(i == 0, nll, kl)
 
 
+def min_snr_weight(schedule: Schedule, i, gamma: float, prediction_type: str):
+  """Min-SNR-gamma weights [B] (Hang et al. 2023) on the squared error of the model's target: they make
+  the loss min(SNR_t, gamma) * |x0 - x0_hat|^2 whatever the network predicts, so the low-noise steps,
+  whose x0 errors are tiny and whose gradients fight the others', stop dominating. The target's error
+  is the x0 error times sqrt(SNR) (eps), sqrt(SNR + 1) (v) or 1 (x0)."""
+  acp = schedule.alphas_cumprod[i].astype(jnp.float32)
+  snr = acp / (1.0 - acp)
+  if prediction_type == "eps":
+    return jnp.minimum(1.0, gamma / snr)  # min(SNR, gamma) / SNR, and 1 where SNR is 0
+  if prediction_type == "v":
+    return jnp.minimum(snr, gamma) / (snr + 1.0)
+  if prediction_type == "x0":
+    return jnp.minimum(snr, gamma)
+  raise ValueError(f"Unknown prediction_type {prediction_type!r}")
+
+
 def diffusion_loss(schedule: Schedule, model_output, x0, x_t, i, noise, *, prediction_type: str = "eps",
-                   variance_type: str = "fixed_small", vlb_weight: float = 0.001):
+                   variance_type: str = "fixed_small", vlb_weight: float = 0.001, min_snr_gamma: float | None = None):
   """Per-example loss [B] and its parts.
 
   With a learned variance this is improved DDPM's L_hybrid = L_simple + lambda L_vlb.
   L_vlb = T E_t[L_t] is estimated by T * L_t at the sampled t, so the weight on
   L_t is lambda * T (= 1 for the usual lambda = 0.001, T = 1000). The VLB sees
-  the mean through stop_gradient: it trains only the variance.
+  the mean through stop_gradient: it trains only the variance. min_snr_gamma weights
+  the MSE by min_snr_weight (parts["mse"] stays the unweighted one, comparable across runs).
   """
   mean_output, var_output = gaussian.split_model_output(model_output, x0.shape[-1], variance_type)
   target = gaussian.training_target(schedule, x0, i, noise, prediction_type)
   mse = mean_flat((mean_output.astype(jnp.float32) - target) ** 2)
   parts = {"mse": mse}
-  loss = mse
+  loss = mse if min_snr_gamma is None else min_snr_weight(schedule, i, min_snr_gamma, prediction_type) * mse
   if variance_type == "learned_range":
     vlb = vlb_term(schedule, x0, x_t, i, jax.lax.stop_gradient(mean_output.astype(jnp.float32)),
                    var_output.astype(jnp.float32), prediction_type=prediction_type,

@@ -50,7 +50,7 @@ def drop_conditioning(rng, batch: dict, uncond: dict, *, p_drop_image: float = 0
 
 
 def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, batch: dict, rng, *, train: bool = True,
-            prediction_type: str = "eps"):
+            prediction_type: str = "eps", min_snr_gamma: float | None = None):
   """Mean hybrid loss over the batch, and its parts.
 
   batch: image [B, H, W, 3] in [-1, 1], the conditioning (COND_KEYS),
@@ -63,18 +63,19 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, batch: dict, r
                        train=train, rngs={"dropout": dropout_rng})
 
   return denoising.loss(apply, schedule, batch["image"], rng, prediction_type=prediction_type,
-                        variance_type=denoising.variance_type(cfg))
+                        variance_type=denoising.variance_type(cfg), min_snr_gamma=min_snr_gamma)
 
 
 def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedule: Schedule, uncond: dict,
-                  p_drop_image: float = 0.1, p_drop_text: float = 0.5, prediction_type: str = "eps"):
+                  p_drop_image: float = 0.1, p_drop_text: float = 0.5, prediction_type: str = "eps",
+                  min_snr_gamma: float | None = None):
   """CFG drops, then loss_fn: the shared loss_fn(params, batch, rng) once the
   keywords are bound (unclip_jax.training.make_train_step takes it from there)."""
   if cfg.text_proj is None:
     raise ValueError("The decoder stage needs a U-Net config with text_proj (the CLIP conditioning).")
   k_drop, k_loss = jax.random.split(rng)
   batch = drop_conditioning(k_drop, batch, uncond, p_drop_image=p_drop_image, p_drop_text=p_drop_text)
-  return loss_fn(params, cfg, schedule, batch, k_loss, prediction_type=prediction_type)
+  return loss_fn(params, cfg, schedule, batch, k_loss, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
 
 
 def guided_model_fn(params, cfg: unet_lib.UNetConfig, cond: dict, uncond: dict, guidance_scale):
@@ -189,7 +190,8 @@ class DecoderStage:
     self._loss = functools.partial(training_loss, cfg=self.unet_config, schedule=self.schedule, uncond=self.uncond,
                                    p_drop_image=config.get("p_drop_image", 0.1),
                                    p_drop_text=config.get("p_drop_text", 0.5),
-                                   prediction_type=diffusion.prediction_type)
+                                   prediction_type=diffusion.prediction_type,
+                                   min_snr_gamma=config.get("min_snr_gamma") or None)
     n = config.get("num_sample_images", 8)
     self.eval = {k: v[:n] for k, v in self.encode_batch(eval_batch).items()}
 

@@ -23,11 +23,13 @@ def out_channels(in_channels: int, variance: str) -> int:
   return 2 * in_channels if variance == "learned_range" else in_channels
 
 
-def loss(apply, schedule: Schedule, image, rng, *, prediction_type: str, variance_type: str):
+def loss(apply, schedule: Schedule, image, rng, *, prediction_type: str, variance_type: str,
+         min_snr_gamma: float | None = None):
   """Mean diffusion loss over the batch (improved DDPM's hybrid with a learned variance), and its parts.
 
   image: [B, H, W, C] in [-1, 1]; apply(x_t, t, dropout_rng) runs the network
-  with the stage's conditioning. Draws t, then the noise, from rng.
+  with the stage's conditioning. Draws t, then the noise, from rng. min_snr_gamma: the MSE's
+  min-SNR-gamma weighting (losses.min_snr_weight), None for the plain MSE.
   """
   x0 = jnp.asarray(image, jnp.float32)
   k_t, k_noise, k_drop = jax.random.split(rng, 3)
@@ -36,5 +38,5 @@ def loss(apply, schedule: Schedule, image, rng, *, prediction_type: str, varianc
   x_t = gaussian.q_sample(schedule, x0, i, noise)
   out = apply(x_t, schedule.timesteps[i], k_drop)
   per_example, parts = losses.diffusion_loss(schedule, out, x0, x_t, i, noise, prediction_type=prediction_type,
-                                             variance_type=variance_type)
+                                             variance_type=variance_type, min_snr_gamma=min_snr_gamma)
   return jnp.mean(per_example), {k: jnp.mean(v) for k, v in parts.items()}

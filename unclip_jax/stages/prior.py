@@ -29,7 +29,8 @@ def latent_stats(z_i) -> dict:
 
 
 def prior_loss(params, batch: dict, rng, *, model: prior_lib.DiffusionPrior, stats: dict,
-               schedule: schedules.Schedule, uncond: dict, p_uncond: float = 0.1, prediction_type: str = "x0"):
+               schedule: schedules.Schedule, uncond: dict, p_uncond: float = 0.1, prediction_type: str = "x0",
+               min_snr_gamma: float | None = None):
   """Mean over the batch of ||pred - target||^2 (per-dimension mean) in the space of x0 = normalised z_i:
   the target is x0 itself (the paper's choice), or eps or v.
 
@@ -46,7 +47,8 @@ def prior_loss(params, batch: dict, rng, *, model: prior_lib.DiffusionPrior, sta
   cond, dropped = text.drop(drop_rng, batch, uncond, p_uncond)
   pred = model.apply(variables, x_t, schedule.timesteps[i], cond["z_t"], cond["tokens"], cond["mask"],
                      deterministic=False, rngs={"dropout": dropout_rng})
-  per_example, _ = losses.diffusion_loss(schedule, pred, x0, x_t, i, noise, prediction_type=prediction_type)
+  per_example, _ = losses.diffusion_loss(schedule, pred, x0, x_t, i, noise, prediction_type=prediction_type,
+                                         min_snr_gamma=min_snr_gamma)
   loss = per_example.mean()
   return loss, {"loss": loss, "uncond_fraction": dropped.mean()}
 
@@ -161,7 +163,8 @@ class PriorStage(PriorStageBase):
     self.stats = latent_stats(z_i)
     self._loss = functools.partial(prior_loss, model=self.model, schedule=self.schedule,
                                    uncond=self.uncond, p_uncond=config.get("p_uncond", 0.1),
-                                   prediction_type=self.export_config.diffusion.prediction_type)
+                                   prediction_type=self.export_config.diffusion.prediction_type,
+                                   min_snr_gamma=config.get("min_snr_gamma") or None)
 
   def init_params(self, rng):
     return prior_lib.init_variables(self.model_config, rng)["params"]

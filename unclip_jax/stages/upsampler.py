@@ -52,7 +52,7 @@ def random_crop_pair(rng, image, low_res_up, crop: int):
 
 
 def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res_up, rng, *, train: bool = True,
-            prediction_type: str = "eps"):
+            prediction_type: str = "eps", min_snr_gamma: float | None = None):
   """Mean diffusion loss (hybrid if the config learns the variance).
 
   image: [B, S, S, 3] target crops in [-1, 1]; low_res_up: [B, S, S, 3] conditioning.
@@ -63,11 +63,12 @@ def loss_fn(params, cfg: unet_lib.UNetConfig, schedule: Schedule, image, low_res
     return model.apply({"params": params}, x_t, t, low_res=low_res_up, train=train, rngs={"dropout": dropout_rng})
 
   return denoising.loss(apply, schedule, image, rng, prediction_type=prediction_type,
-                        variance_type=denoising.variance_type(cfg))
+                        variance_type=denoising.variance_type(cfg), min_snr_gamma=min_snr_gamma)
 
 
 def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedule: Schedule,
-                  crop_fraction: float = 0.25, degrade: Degrade | None = None, prediction_type: str = "eps"):
+                  crop_fraction: float = 0.25, degrade: Degrade | None = None, prediction_type: str = "eps",
+                  min_snr_gamma: float | None = None):
   """The shared loss_fn(params, batch, rng) once the keywords are bound.
 
   batch: image [B, H, W, 3] (the full-size target, [-1, 1]) and low_res
@@ -87,7 +88,8 @@ def training_loss(params, batch: dict, rng, *, cfg: unet_lib.UNetConfig, schedul
     low_res = degrade(k_deg, low_res)
   low_up = unet_lib.resize_low_res(low_res, image.shape[1:3])
   image, low_up = random_crop_pair(k_crop, image, low_up, crop)
-  return loss_fn(params, cfg, schedule, image, low_up, k_loss, prediction_type=prediction_type)
+  return loss_fn(params, cfg, schedule, image, low_up, k_loss, prediction_type=prediction_type,
+                 min_snr_gamma=min_snr_gamma)
 
 
 def sample(params, cfg: unet_lib.UNetConfig, schedule: Schedule, rng, low_res, *, size: int,
@@ -173,7 +175,8 @@ class UpsamplerStage:
     self.sampling = sampling_options(config)
     self._loss = functools.partial(training_loss, cfg=self.unet_config, schedule=self.schedule,
                                    crop_fraction=config.get("crop_fraction", 0.25),
-                                   prediction_type=diffusion.prediction_type)
+                                   prediction_type=diffusion.prediction_type,
+                                   min_snr_gamma=config.get("min_snr_gamma") or None)
     n = config.get("num_sample_images", 8)
     self.eval = {k: v[:n] for k, v in self.encode_batch(eval_batch).items()}
 
