@@ -7,7 +7,7 @@ configs, the Shapes world's input pipeline, AdamW, EMA) for each stage under bot
 in the same run, and reads the steady-state steps/s the run writes to TensorBoard (the first
 logged interval, which holds the compile, is left out).
 
-  python -m benchmarks.cpu_data_parallel [--stages clip,prior,decoder,sr1,sr2] [--steps 60]
+  python -m benchmarks.cpu_data_parallel [--stages clip,prior,ar_prior,decoder,sr1,sr2] [--steps 60]
 """
 
 import argparse
@@ -55,7 +55,7 @@ def run_stage(stage: str, devices: int, steps: int, log_every: int) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--stages", default="clip,prior,decoder,sr1,sr2")
+  parser.add_argument("--stages", default="clip,prior,ar_prior,decoder,sr1,sr2")
   parser.add_argument("--steps", type=int, default=60, help="timed steps per run (after one log interval)")
   parser.add_argument("--log_every", type=int, default=10)
   args = parser.parse_args()

@@ -118,7 +118,7 @@ def _scores(clip, images, captions, text_embeds, distractor_embeds, reference_em
   prefers_caption = metrics.r_precision(image_embeds, text_embeds, twin_embeds[:, None], per_image=True)
   row["clip_relation"] = float(prefers_caption[two_object].mean()) if two_object.any() else None
   acc = evaluate.accuracies(evaluate.score_images(images, captions))
-  row.update({k: acc[k] for k in ("color", "shape", "relation", "count", "num_two_object")})
+  row.update({k: acc[k] for k in ("color", "shape", "relation", "count", "all_correct", "speckle", "num_two_object")})
   if row["num_two_object"] == 0:
     row["relation"] = None  # no two-object caption among them
   return row
@@ -225,12 +225,13 @@ def main(argv):
           "compiles)")
   print()
   print("| images | R-precision | FD (CLIP z_i) | colour acc | shape acc | relation acc (two-object) | count acc "
-        "| CLIP relation (two-object) |")
-  print("|" + "---|" * 8)
+        "| all correct | speckle | CLIP relation (two-object) |")
+  print("|" + "---|" * 10)
   fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
   for name, r in rows.items():
     print(f"| {name} | {r['r_precision']:.3f} | {r['frechet_distance']:.4g} | {r['color']:.3f} | {r['shape']:.3f} "
-          f"| {fmt(r['relation'])} | {r['count']:.3f} | {fmt(r['clip_relation'])} |")
+          f"| {fmt(r['relation'])} | {r['count']:.3f} | {r['all_correct']:.3f} | {r['speckle']:.4f} "
+          f"| {fmt(r['clip_relation'])} |")
 
   if _OUT.value and generated is not None:
     k = min(_GRID_SIZE.value, n)

@@ -40,7 +40,8 @@ def test_real_images_score_perfectly(resolution):
   images, captions = _real(resolution)
   acc = evaluate.accuracies(evaluate.score_images(images, captions))
   assert acc["color"] == 1.0 and acc["relation"] == 1.0 and acc["count"] == 1.0
-  assert acc["shape"] >= 0.95
+  assert acc["shape"] >= 0.95 and acc["all_correct"] == acc["shape"]
+  assert acc["speckle"] == 0.0  # anti-aliased edges lie within a pixel of their object
   assert acc["num_images"] == NUM_SCENES and 0.35 < acc["num_two_object"] / NUM_SCENES < 0.65
 
 
@@ -93,6 +94,23 @@ def test_another_colour_dominating_fails():
   assert score.color and score.count
   assert evaluate.score_image(np.full((64, 64, 3), 255, np.uint8), "a red square") == evaluate.Score(
       color=False, shape=False, relation=None, count=False, blobs=())
+
+
+def test_speckle_is_the_off_white_fraction_of_the_background():
+  """Grey single pixels (specks: no palette colour, under min_area) on a white canvas with one exact
+  16 px red square: speckle = specks / (pixels more than a pixel from the square, 64^2 - 18^2)."""
+  image = np.full((64, 64, 3), 255, np.uint8)
+  image[20:36, 20:36] = shapes.COLORS["red"]
+  specks = [(2, 2), (2, 60), (60, 2), (60, 60), (45, 10), (10, 50), (50, 45)]
+  for r, c in specks:
+    image[r, c] = 128
+  score = evaluate.score_image(image, "a red square")
+  assert score.all_correct and score.count
+  assert score.speckle == pytest.approx(len(specks) / (64 ** 2 - 18 ** 2), abs=1e-12)
+  image[21, 36] = 128  # touching the square: an edge, not background
+  assert evaluate.score_image(image, "a red square").speckle == score.speckle
+  wrong_shape = evaluate.score_image(image, "a red circle")
+  assert wrong_shape.color and wrong_shape.count and not wrong_shape.all_correct
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

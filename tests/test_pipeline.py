@@ -33,6 +33,20 @@ def test_text_to_image_shapes_and_seeds(pipe):
   assert low.shape == (2, 16, 16, 3)
 
 
+def test_upsample_alone_continues_decode(pipe):
+  """pipe.upsample on decode's 16 px floats gives decode's 64 px images (the same per-image noise);
+  on 32 px images it starts at sr2; other sizes are refused with the upsamplers' input sizes."""
+  z_i = pipe.prior(["a red circle above a blue square", "a green triangle"], [1, 2], FAST)
+  low = pipe.decode(z_i, "", [1, 2], FAST, up_to="decoder")
+  full = pipe.decode(z_i, "", [1, 2], FAST)
+  np.testing.assert_allclose(pipe.upsample(low, [1, 2], FAST, as_float=True), full, atol=1e-5)
+  mid = pipe.upsample(low, [1, 2], FAST, up_to="sr1")
+  assert mid.shape == (2, 32, 32, 3) and mid.dtype == np.uint8
+  assert pipe.upsample(mid, [1, 2], FAST).shape == (2, 64, 64, 3)
+  with pytest.raises(ValueError, match=r"input size \{'sr1': 16, 'sr2': 32\}, got 20x20"):
+    pipe.upsample(np.zeros((1, 20, 20, 3), np.uint8), [0], FAST)
+
+
 def test_dpm_solver_reaches_every_stage(pipe):
   """At 2 steps every DPM-Solver++ step is first order (diffusion/dpm_solver.step_orders), which is
   DDIM with eta = 0: the option reaches each stage's loop (the prior's and decoder's preset is DDPM).

@@ -47,7 +47,12 @@ exact colours. The steps, for an RGB uint8 image [R, R, 3] of any size R:
                lies on the relation's side of the second's by more than
                `relation_margin` (0.05 R) along the relation's axis, rows growing
                downwards ("above" = smaller row); the other axis is not checked;
-     count:    as many objects (all colours) as the caption names.
+     count:    as many objects (all colours) as the caption names;
+     all correct: colour, shape, count and (two objects) relation in the same image.
+5. Speckle (cleanliness, not a caption check): the fraction of background pixels, those more than
+   one pixel away from every object's mask (component, rim and holes of step 2, so that anti-aliased
+   edges do not count), that are visibly off white (RGB distance from white above SPECKLE_DISTANCE).
+   Specks below `min_area` count here. Exact renders score 0.
 """
 
 import dataclasses
@@ -67,6 +72,7 @@ _EIGHT_CONNECTED = np.ones((3, 3), bool)
 MAX_RESIDUAL = 80.0  # RGB distance from a pixel to its colour's white -> colour segment, at most
 COVERAGE_MARGIN = 0.2  # coverage within this of 0 or 1 is read as 0 or 1
 MIN_AREA = 0.005  # of the canvas: smaller components are specks
+SPECKLE_DISTANCE = 40.0  # RGB distance from white above which a background pixel is a speck (step 5)
 # Shape decision thresholds (module docstring, step 3).
 TRIANGLE_OFFSET = 0.05
 TRIANGLE_FILL = (0.5 + math.pi / 4) / 2
@@ -125,6 +131,11 @@ class Score:
   relation: bool | None  # None for a one-object caption
   count: bool
   blobs: tuple[Blob, ...]
+  speckle: float = 0.0  # fraction of the background off white (module docstring, step 5)
+
+  @property
+  def all_correct(self) -> bool:
+    return self.color and self.shape and self.count and self.relation is not False
 
 
 def classify_pixels(image, max_residual: float = MAX_RESIDUAL, coverage_margin: float = COVERAGE_MARGIN):
@@ -175,13 +186,27 @@ def _measure(color: str, soft: np.ndarray, resolution: int) -> Blob:
 
 def find_objects(image, *, max_residual: float = MAX_RESIDUAL, min_area: float = MIN_AREA) -> list[Blob]:
   """The objects in an RGB uint8 image [R, R, 3], largest first (module docstring, steps 1-3)."""
+  return _objects(image, max_residual, min_area)[0]
+
+
+def speckle(image, object_mask) -> float:
+  """Fraction of the background, more than a pixel from object_mask [R, R], that is off white (step 5)."""
+  background = ~ndimage.binary_dilation(object_mask, structure=_EIGHT_CONNECTED)
+  if not background.any():
+    return 0.0
+  off_white = np.linalg.norm(np.asarray(image, np.float64) - _WHITE, axis=-1) > SPECKLE_DISTANCE
+  return float(np.mean(off_white[background]))
+
+
+def _objects(image, max_residual: float, min_area: float) -> tuple[list[Blob], np.ndarray]:
+  """find_objects' blobs and the union of their masks [R, R] bool."""
   image = np.asarray(image)
   resolution = image.shape[0]
   if image.shape[1] != resolution:
     raise ValueError(f"Shapes images are square, got shape {image.shape}.")
   index, coverage = classify_pixels(image, max_residual)
   min_pixels = max(1, math.ceil(min_area * resolution**2))
-  blobs = []
+  blobs, covered = [], np.zeros(index.shape, bool)
   for c, color in enumerate(COLOR_NAMES):
     mine = index == c
     labels, count = ndimage.label(mine & (coverage >= 0.5), structure=_EIGHT_CONNECTED)
@@ -197,7 +222,8 @@ def find_objects(image, *, max_residual: float = MAX_RESIDUAL, min_area: float =
       holes = ndimage.binary_fill_holes(component) & ~component
       soft = np.where(component | rim, coverage, 0.0)
       blobs.append(_measure(color, np.where(holes, 1.0, soft), resolution))
-  return sorted(blobs, key=lambda b: -b.area)
+      covered |= component | holes | (rim & (coverage > 0))  # (white pixels fit any colour at coverage 0)
+  return sorted(blobs, key=lambda b: -b.area), covered
 
 
 def _relation_holds(first: Blob, second: Blob, relation: str, margin: float) -> bool:
@@ -210,7 +236,7 @@ def score_image(image, caption: str | Caption, *, max_residual: float = MAX_RESI
                 dominance: float = 0.5, relation_margin: float = 0.05) -> Score:
   """Checks an RGB uint8 image [R, R, 3] against its caption (module docstring, step 4)."""
   parsed = parse_caption(caption) if isinstance(caption, str) else caption
-  blobs = find_objects(image, max_residual=max_residual, min_area=min_area)
+  blobs, covered = _objects(image, max_residual, min_area)
   main = {}
   for blob in blobs:  # largest first: the first of each colour is its object
     main.setdefault(blob.color, blob)
@@ -228,11 +254,12 @@ def score_image(image, caption: str | Caption, *, max_residual: float = MAX_RESI
     relation_ok = (first in main and second in main
                    and _relation_holds(main[first], main[second], parsed.relation, relation_margin))
   return Score(color=bool(color_ok), shape=bool(shape_ok), relation=relation_ok,
-               count=len(blobs) == len(parsed.objects), blobs=tuple(blobs))
+               count=len(blobs) == len(parsed.objects), blobs=tuple(blobs), speckle=speckle(image, covered))
 
 
 def score_images(images, captions: Sequence[str], **kwargs) -> dict[str, np.ndarray]:
-  """Per-image booleans for a batch: {'color', 'shape', 'count', 'relation', 'two_object'} arrays [N].
+  """Per-image booleans for a batch: {'color', 'shape', 'count', 'relation', 'two_object', 'all_correct'}
+  arrays [N], and each image's 'speckle' fraction [N].
 
   'relation' is False where 'two_object' is False; average it over the two-object
   images only (see `accuracies`).
@@ -244,13 +271,16 @@ def score_images(images, captions: Sequence[str], **kwargs) -> dict[str, np.ndar
   return {"color": np.array([s.color for s in scores]), "shape": np.array([s.shape for s in scores]),
           "count": np.array([s.count for s in scores]),
           "relation": np.array([bool(s.relation) for s in scores]),
-          "two_object": np.array([s.relation is not None for s in scores])}
+          "two_object": np.array([s.relation is not None for s in scores]),
+          "all_correct": np.array([s.all_correct for s in scores]),
+          "speckle": np.array([s.speckle for s in scores])}
 
 
 def accuracies(scores: dict[str, np.ndarray]) -> dict[str, float]:
-  """Mean of each boolean; 'relation' over two-object images only (nan if there are none)."""
+  """Mean of each score; 'relation' over two-object images only (nan if there are none)."""
   two = scores["two_object"]
   return {"color": float(np.mean(scores["color"])), "shape": float(np.mean(scores["shape"])),
-          "count": float(np.mean(scores["count"])),
+          "count": float(np.mean(scores["count"])), "all_correct": float(np.mean(scores["all_correct"])),
+          "speckle": float(np.mean(scores["speckle"])),
           "relation": float(np.mean(scores["relation"][two])) if two.any() else float("nan"),
           "num_images": int(len(two)), "num_two_object": int(two.sum())}

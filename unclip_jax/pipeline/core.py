@@ -314,13 +314,38 @@ class Pipeline:
         self.params["decoder"], rng=self._shard(stage_keys(seeds, "decoder")), cond=cond, uncond=self.uncond,
         guidance_scale=options["decoder"].guidance_scale, x_T=None if x_T is None else self._shard(x_T),
         **self._known(known, self.decoder_resolution))
-    for stage in UPSAMPLERS:
+    return self._upsample(images, seeds, options, UPSAMPLERS, up_to, known, steps)
+
+  def _upsample(self, images, seeds, options: dict, stages, up_to: str | None, known=None, steps: int = 1):
+    """`stages`' upsamplers in turn (until up_to) on a padded batch of float images in [-1, 1]."""
+    for stage in stages:
       if up_to in STAGES[:STAGES.index(stage)] or stage not in self.params:
         break
       images = self._upsampler_fn(stage, options[stage], steps)(
           self.params[stage], rng=self._shard(stage_keys(seeds, stage)), low_res=images,
           **self._known(known, self.exports[stage].resolution))
     return images
+
+  def upsample(self, images, seeds: Sequence[int], options: dict | None = None, up_to: str | None = None,
+               as_float: bool = False) -> np.ndarray:
+    """The upsamplers alone on given images (uint8 [N, r, r, 3], paths or a list; or float in [-1, 1]):
+    from the upsampler whose input size r is, through the last (or up_to). Image i's noise comes from
+    seeds[i], as in decode, so decode(..., up_to="decoder") then upsample gives decode's images."""
+    floats = isinstance(images, np.ndarray) and images.dtype.kind == "f"
+    images = np.asarray(images, np.float32) if floats else imaging.to_model_range(read_images(images))
+    size = images.shape[1]
+    starts = [s for s in UPSAMPLERS if s in self.exports and self.exports[s].low_res_resolution == size]
+    if not starts or images.shape[2] != size:
+      inputs = {s: self.exports[s].low_res_resolution for s in UPSAMPLERS if s in self.exports}
+      raise ValueError(f"upsample takes square images of an upsampler's input size {inputs}, got "
+                       f"{images.shape[1]}x{images.shape[2]}.")
+    if len(seeds) != len(images):
+      raise ValueError(f"{len(images)} images for {len(seeds)} seeds.")
+    total = self._padded(len(images))
+    stages = UPSAMPLERS[UPSAMPLERS.index(starts[0]):]
+    low_res = self._shard(_pad(images, total))
+    out = self._upsample(low_res, _pad(list(seeds), total), self.options_for("text", options), stages, up_to)
+    return output(out, len(images), as_float)
 
   def initial_noise(self, seeds: Sequence[int]) -> np.ndarray:
     """The decoder's x_T [N, r, r, 3] for these seeds: what decode draws when given no x_T."""
