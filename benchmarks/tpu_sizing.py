@@ -22,8 +22,11 @@ import subprocess
 import sys
 import time
 
+import jax
+from jax.sharding import AbstractMesh
+
 from configs import paper
-from unclip_jax import tpu_chips
+from unclip_jax import aot, parallel, tpu_chips
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tpu_sizing")
 GIB = 2 ** 30
@@ -31,6 +34,32 @@ GIB = 2 ** 30
 
 def case_path(stage: str, topology: str, remat: bool, results: str = RESULTS) -> str:
   return os.path.join(results, f"{stage}__{topology.replace(':', '_')}__remat-{'on' if remat else 'off'}.json")
+
+
+def fsdp_size(stage: str, chips: int) -> int:
+  """The largest FSDP axis, a divisor of the chip count, that splits as many parameters as any: FSDP
+  over every chip leaves a weight replicated when no dimension of it divides by the chip count
+  (parallel.param_spec), e.g. sr1's 192 x k channels on 256 chips (37.6% of its parameters), so
+  such a stage gets data x FSDP instead, as MaxText's ici_data x ici_fsdp."""
+  config = paper.get_config(stage)
+  params = jax.eval_shape(aot.build_stage(config, aot.clip_shapes(config)).init_params, jax.random.key(0))
+  leaves = jax.tree.leaves(params)
+
+  def split(f: int) -> int:
+    specs = jax.tree.leaves(parallel.param_specs(params, AbstractMesh((chips // f, f), ("data", "fsdp"))),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return sum(leaf.size for leaf, spec in zip(leaves, specs) if any(s is not None for s in spec))
+
+  divisors = [f for f in range(1, chips + 1) if chips % f == 0]
+  best = max(split(f) for f in divisors)
+  return max(f for f in divisors if split(f) == best)
+
+
+def mesh_overrides(stage: str, topology: str) -> list[str]:
+  """aot's --config.mesh.* flags for a case: none when FSDP over every chip splits every parameter."""
+  chips = tpu_chips.parse_topology(topology).chips
+  f = fsdp_size(stage, chips)
+  return [] if f == chips else [f"--config.mesh.data={chips // f}", f"--config.mesh.fsdp={f}"]
 
 
 def fit_points(stage: str, topology: str) -> str:
@@ -49,7 +78,8 @@ def run_case(stage: str, topology: str, remat: bool, timeout: float, results: st
       if "fit_batch" in json.load(f) or not fit:
         return "cached"
   command = [sys.executable, "-m", "unclip_jax.aot", "--config", f"configs/paper.py:{stage}", "--topology", topology,
-             f"--config.model.remat={remat}", "--json", out, "--cache_dir", os.path.join(results, "compiles")]
+             f"--config.model.remat={remat}", *mesh_overrides(stage, topology), "--json", out,
+             "--cache_dir", os.path.join(results, "compiles")]
   if fit:
     command += ["--fit_batch", f"--fit_points={fit_points(stage, topology)}", f"--fit_checks={fit_checks}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")

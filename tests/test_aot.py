@@ -237,6 +237,7 @@ def test_the_kept_paper_compiles_still_match_the_configs():
     glide_off = stage == "decoder" and not inputs["config"]["model"].get("text_encoder")
     config = paper.get_config(f"{stage},text_encoder=false" if glide_off else stage)
     config.model.remat = inputs["config"]["model"]["remat"]
+    config.mesh.update(inputs["config"]["mesh"])  # (benchmarks/tpu_sizing.py picks data x fsdp per case)
     mine = aot.compile_inputs(config, inputs["topology"], batch_size=inputs["config"]["batch_size"],
                               sample=inputs["sample"], clip=aot.ClipShapes(*inputs["clip"]),
                               replicate_params=inputs["replicate_params"])

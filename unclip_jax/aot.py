@@ -280,12 +280,17 @@ def compile_for(config, topology: tpu_chips.Topology, *, sample: bool = False, b
 HOST_ONLY_KEYS = ("data", "clip_dir", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
                   "export_dir", "init_from")
 
+# Settings added after compiles were kept, at the value that compiles the program they had (e.g. no
+# min-SNR weighting): left out of the key there, so those compiles stay valid.
+NEUTRAL_VALUES = {"min_snr_gamma": 0.0}
+
 
 def compile_inputs(config, topology, *, batch_size: int, sample: bool, clip: ClipShapes,
                    replicate_params: bool) -> dict:
   """What decides a compile's report: the config at this batch (less what only the host reads), the
   target, and jax's and libtpu's versions. Kept in each cache entry, so entries can be re-keyed."""
-  settings = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_KEYS}
+  settings = {k: v for k, v in config.to_dict().items()
+              if k not in HOST_ONLY_KEYS and not (k in NEUTRAL_VALUES and v == NEUTRAL_VALUES[k])}
   settings["batch_size"] = batch_size
   clip_dims = dataclasses.astuple(clip)[:3]
   if settings.get("model", {}).get("text_encoder"):  # a decoder's own text encoder: the vocabulary matters too
