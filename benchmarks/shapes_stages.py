@@ -67,20 +67,18 @@ def main(argv):
   def batched(fn, *arrays):
     return np.concatenate([fn(*(a[i:i + batch] for a in arrays)) for i in range(0, n, batch)])
 
-  to_uint8 = imaging.to_uint8
+  upsample = lambda images: batched(lambda x, s: pipe.upsample(x, list(s), options), images, np.array(seeds))
   z_i = batched(pipe.image_embeddings, real)
   decoded = batched(lambda z, c, s: pipe.decode(z, list(c), list(s), options, up_to="decoder"),
                     z_i, np.array(captions), np.array(seeds))
+  real_small = imaging.resize_batch(real, decoder_size)
   rows = {
       "real": real,
-      "real at decoder size": imaging.resize_batch(real, decoder_size),
-      "upsamplers on real": batched(lambda x, s: pipe.upsample(x, list(s), options),
-                                    imaging.resize_batch(real, decoder_size), np.array(seeds)),
-      "sr2 on real": batched(lambda x, s: pipe.upsample(x, list(s), options),
-                             imaging.resize_batch(real, sr2_input), np.array(seeds)),
-      "decoder, real z_i": to_uint8(decoded),
-      "decoder + upsamplers, real z_i": batched(lambda x, s: pipe.upsample(x, list(s), options), decoded,
-                                                np.array(seeds)),
+      "real at decoder size": real_small,
+      "upsamplers on real": upsample(real_small),
+      "sr2 on real": upsample(imaging.resize_batch(real, sr2_input)),
+      "decoder, real z_i": imaging.to_uint8(decoded),
+      "decoder + upsamplers, real z_i": upsample(decoded),
       "text to image": batched(lambda c, s: pipe.text_to_image(list(c), list(s), options),
                                np.array(captions), np.array(seeds)),
   }

@@ -50,9 +50,8 @@ def fsdp_size(stage: str, chips: int) -> int:
                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     return sum(leaf.size for leaf, spec in zip(leaves, specs) if any(s is not None for s in spec))
 
-  divisors = [f for f in range(1, chips + 1) if chips % f == 0]
-  best = max(split(f) for f in divisors)
-  return max(f for f in divisors if split(f) == best)
+  counts = {f: split(f) for f in range(1, chips + 1) if chips % f == 0}
+  return max(f for f, count in counts.items() if count == max(counts.values()))
 
 
 def mesh_overrides(stage: str, topology: str) -> list[str]:
