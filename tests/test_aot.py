@@ -3,7 +3,10 @@
 import glob
 import json
 import os
+import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 from absl import flags
 
@@ -156,6 +159,27 @@ ENTRY %main () -> f32[8,8] {
   assert hlo_stats._moved_bytes(fusion, comps["body"][1], comps) == 8 * 8 * 4 + 4 + 8 * 8 * 4
   assert stats["extra_bytes"] > 0
   assert not stats["unknown_loops"]
+
+
+@pytest.mark.parametrize("start,step,limit", [(0, 1, 7), (3, 2, 11), (0, 2, 4), (5, 3, 12)])
+def test_loop_trips_come_from_the_counter_not_only_the_limit(start, step, limit):
+  """A loop counting start, start + step, ... below limit runs len(range(start, limit, step)) times:
+  the CPU backend states that count (known_trip_count); without it (TPU HLO: XLA's windowed einsums
+  count 0, 2, 4, ...) hlo_stats reads start, step and limit off the loop, not just the limit."""
+  w = jnp.ones((16, 16))
+
+  def loop(x):
+    def body(carry):
+      i, y = carry
+      return i + step, jnp.tanh(y @ w)
+    return jax.lax.while_loop(lambda carry: carry[0] < limit, body, (start, x))[1]
+
+  hlo = jax.jit(loop).lower(jnp.ones((16, 16))).compile().as_text()
+  unstated = re.sub(r', backend_config=\{"dynamic_variables".*', "", hlo)
+  assert "known_trip_count" in hlo and "known_trip_count" not in unstated
+  trips = len(range(start, limit, step))
+  for text in (hlo, unstated):
+    assert hlo_stats.analyse(text)["extra_flops"] == (trips - 1) * 2 * 16**3
 
 
 def test_fit_batch_solves_the_affine_memory_line(monkeypatch, tmp_path):

@@ -51,8 +51,9 @@ class _Instr:
 
 
 def parse_module(text: str) -> tuple[dict, str]:
-  """{computation: (instructions, {value name: shape})} and the entry computation's name."""
-  comps, entry, current = {}, None, None
+  """{computation: (instructions, {value name: shape})} and the entry computation's name. Each
+  computation's ROOT instruction is the last of its list."""
+  comps, entry, current, root = {}, None, None, None
   for line in text.splitlines():
     header = _HEADER.match(line)
     if header:
@@ -64,19 +65,24 @@ def parse_module(text: str) -> tuple[dict, str]:
     if current is None:
       continue
     if line.startswith("}"):
-      current = None
+      if root is not None:
+        comps[current][0].remove(root)
+        comps[current][0].append(root)
+      current = root = None
       continue
     m = _INSTR.match(line)
     if m:
       instr = _Instr(*m.groups())
       comps[current][0].append(instr)
       comps[current][1][instr.name] = instr.shape
+      if line.lstrip().startswith("ROOT "):
+        root = instr
   return comps, entry
 
 
-def _trip_count(comps: dict, condition: str) -> int | None:
-  """A counted loop's condition compares the counter with its length: the largest integer
-  scalar constant in the condition (or what it calls). None if there is none."""
+def _largest_constant(comps: dict, condition: str) -> int | None:
+  """The largest integer scalar constant in a loop's condition (or what it calls): the trip count of
+  a loop that counts 0, 1, 2, ... up to it, when the counter cannot be read off directly."""
   seen, todo, best = set(), [condition], None
   while todo:
     name = todo.pop()
@@ -84,12 +90,92 @@ def _trip_count(comps: dict, condition: str) -> int | None:
       continue
     seen.add(name)
     for instr in comps[name][0]:
-      if instr.opcode == "constant" and re.match(r"[su]\d+\[\]", instr.shape):
-        value = re.match(r"\s*(-?\d+)\)", instr.rest)
-        if value:
-          best = max(best or 0, int(value.group(1)))
+      value = _constant(instr)
+      if value is not None:
+        best = max(best or 0, value)
       todo += [c for c in (instr.attr("calls"), instr.attr("to_apply")) if c]
   return best
+
+
+def _constant(instr: _Instr | None) -> int | None:
+  if instr is None or instr.opcode != "constant" or not re.match(r"[su]\d+\[\]", instr.shape):
+    return None
+  value = re.match(r"\s*(-?\d+)\)", instr.rest)
+  return int(value.group(1)) if value else None
+
+
+def _tuple_index(instr: _Instr | None, defs: dict) -> int | None:
+  """k if instr is element k of its computation's parameter tuple."""
+  if instr is None or instr.opcode != "get-tuple-element":
+    return None
+  source = defs.get(instr.operands()[0])
+  if source is None or source.opcode != "parameter":
+    return None
+  return int(instr.attr("index"))
+
+
+def _through_fusion(instr: _Instr | None, comps: dict) -> _Instr | None:
+  """A fusion that only wraps one op of its parameters (as the CPU backend wraps a loop's add and
+  compare) as that op applied to the fusion's operands; any other instruction as it is."""
+  if instr is None or instr.opcode != "fusion" or instr.attr("calls") not in comps:
+    return instr
+  body = comps[instr.attr("calls")][0]
+  params, root = _param_names(body), body[-1] if body else None
+  if root is None or root.opcode == "parameter":
+    return instr
+  position = {name: k for k, name in params.items()}
+  if any(o not in position for o in root.operands()):
+    return instr
+  operands = instr.operands()
+  return _Instr(root.name, root.shape, root.opcode,
+                ", ".join("%" + operands[position[o]] for o in root.operands()) + "), " + root.rest.split("), ", 1)[-1])
+
+
+def _counted_trips(comps: dict, loop: _Instr, caller: list) -> int | None:
+  """Trips of a loop whose condition compares a tuple element with a constant and whose body adds a
+  constant to it: ceil((limit - start) / step). XLA's windowed einsums count 0, 2, 4, ... (two ring
+  steps per trip), where the limit alone would double their count. XLA's own count where it states
+  one (the CPU backend does: known_trip_count). None if the loop is not of that form."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.rest)
+  if known:
+    return int(known.group(1))
+  cond, body = comps.get(loop.attr("condition")), comps.get(loop.attr("body"))
+  if not cond or not body or not cond[0] or not body[0]:
+    return None
+  cond_defs = {i.name: i for i in cond[0]}
+  root = _through_fusion(cond[0][-1], comps)
+  if root.opcode != "compare" or len(root.operands()) != 2:
+    return None
+  direction = root.attr("direction")
+  lhs, rhs = (cond_defs.get(o) for o in root.operands())
+  if _tuple_index(rhs, cond_defs) is not None and _constant(lhs) is not None:  # limit > counter
+    lhs, rhs = rhs, lhs
+    direction = {"GT": "LT", "GE": "LE"}.get(direction)
+  k, limit = _tuple_index(lhs, cond_defs), _constant(rhs)
+  if k is None or limit is None or direction not in ("LT", "LE"):
+    return None
+  body_defs = {i.name: i for i in body[0]}
+  out = body[0][-1]
+  if out.opcode != "tuple" or k >= len(out.operands()):
+    return None
+  update = _through_fusion(body_defs.get(out.operands()[k]), comps)
+  if update is None or update.opcode != "add":
+    return None
+  terms = [body_defs.get(o) for o in update.operands()]
+  counter = [t for t in terms if _tuple_index(t, body_defs) == k]
+  steps = [_constant(t) for t in terms if _tuple_index(t, body_defs) != k]
+  if len(counter) != 1 or len(steps) != 1 or not steps[0] or steps[0] < 0:
+    return None
+  caller_defs = {i.name: i for i in caller}
+  init = caller_defs.get(loop.operands()[0]) if loop.operands() else None
+  start = None
+  if init is not None and init.opcode == "tuple" and k < len(init.operands()):
+    first = caller_defs.get(init.operands()[k])
+    while first is not None and first.opcode == "copy":
+      first = caller_defs.get(first.operands()[0])
+    start = _constant(first)
+  span = limit - (start or 0) + (1 if direction == "LE" else 0)
+  return max(0, -(-span // steps[0]))
 
 
 def multipliers(comps: dict, entry: str) -> tuple[dict, set, list]:
@@ -102,7 +188,9 @@ def multipliers(comps: dict, entry: str) -> tuple[dict, set, list]:
     for instr in comps.get(name, ([], {}))[0]:
       children = []
       if instr.opcode == "while":
-        trips = _trip_count(comps, instr.attr("condition"))
+        trips = _counted_trips(comps, instr, comps[name][0])
+        if trips is None:
+          trips = _largest_constant(comps, instr.attr("condition"))
         if trips is None:
           unknown.append(instr.name)
         children = [(instr.attr("body"), trips or 1), (instr.attr("condition"), (trips or 1) + 1)]
