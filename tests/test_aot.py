@@ -182,6 +182,69 @@ def test_loop_trips_come_from_the_counter_not_only_the_limit(start, step, limit)
     assert hlo_stats.analyse(text)["extra_flops"] == (trips - 1) * 2 * 16**3
 
 
+def test_async_pairs_and_nested_loops_move_their_data_once():
+  """An async copy or slice (TPU HLO: X-start returns (source, result, context), X-done the result)
+  moves its result once, read and written, not the whole source buffer twice; a while inside a
+  loop moves nothing itself (its body is counted on its own)."""
+  hlo = """HloModule m, entry_computation_layout={()->f32[8,8]}
+
+%inner_body (a: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %a = (s32[], f32[8,8]{1,0}) parameter(0)
+  %k = s32[] get-tuple-element(%a), index=0
+  %y = f32[8,8]{1,0} get-tuple-element(%a), index=1
+  %one = s32[] constant(1)
+  %k1 = s32[] add(%k, %one)
+  ROOT %r = (s32[], f32[8,8]{1,0}) tuple(%k1, %y)
+}
+
+%inner_cond (b: (s32[], f32[8,8])) -> pred[] {
+  %b = (s32[], f32[8,8]{1,0}) parameter(0)
+  %kk = s32[] get-tuple-element(%b), index=0
+  %three = s32[] constant(3)
+  ROOT %c = pred[] compare(%kk, %three), direction=LT
+}
+
+%body (p: (s32[], f32[64,8])) -> (s32[], f32[64,8]) {
+  %p = (s32[], f32[64,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %big = f32[64,8]{1,0} get-tuple-element(%p), index=1
+  %ss = ((f32[64,8]{1,0}), f32[8,8]{1,0}, s32[]) slice-start(%big), slice={[0:8], [0:8]}
+  %sd = f32[8,8]{1,0} slice-done(%ss)
+  %cs = (f32[8,8]{1,0}, f32[8,8]{1,0}, u32[]) copy-start(%sd)
+  %cd = f32[8,8]{1,0} copy-done(%cs)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,8]{1,0}) tuple(%zero, %cd)
+  %w = (s32[], f32[8,8]{1,0}) while(%init), condition=%inner_cond, body=%inner_body
+  %two = s32[] constant(2)
+  %i2 = s32[] add(%i, %two)
+  ROOT %t = (s32[], f32[64,8]{1,0}) tuple(%i2, %big)
+}
+
+%cond (q: (s32[], f32[64,8])) -> pred[] {
+  %q = (s32[], f32[64,8]{1,0}) parameter(0)
+  %n = s32[] constant(12)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main () -> f32[64,8] {
+  %s = f32[64,8]{1,0} constant({...})
+  %c = s32[] constant(0)
+  %init = (s32[], f32[64,8]{1,0}) tuple(%c, %s)
+  %w = (s32[], f32[64,8]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[64,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+  # The outer loop counts 0, 2, ..., 10: 6 trips (its condition runs 7 times); the inner loop 3 trips
+  # per outer trip (18 in all; its condition 24 times). XLA counts each once, so the extra bytes are
+  # (runs - 1) x the bytes of: per outer trip, the slice and the copy each reading and writing one
+  # 8 x 8 tile and the counter's add (two s32 read, one written); the inner add; the compares (two
+  # s32 read, one pred written). The inner while and the -done halves add nothing.
+  tile, add, compare = 8 * 8 * 4, 3 * 4, 2 * 4 + 1
+  expected = 5 * (2 * (2 * tile) + add) + 17 * add + 23 * compare + 6 * compare
+  assert hlo_stats.analyse(hlo)["extra_bytes"] == expected
+
+
 def test_fit_batch_solves_the_affine_memory_line(monkeypatch, tmp_path):
   """fit_batch on a stand-in compiler whose per-chip memory is exactly a + b * per-chip batch: the
   answer is the largest batch under HBM, from the two fit points and one check; a known point is

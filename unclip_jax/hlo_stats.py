@@ -242,7 +242,9 @@ def _dot_flops(instr: _Instr, symbols: dict) -> float:
 
 
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id",
-         "replica-id", "opt-barrier"}
+         "replica-id", "opt-barrier",
+         # a loop, call or branch moves nothing itself: its computations are counted on their own
+         "while", "call", "conditional"}
 
 
 def _param_names(body: list) -> dict:
@@ -291,6 +293,14 @@ def _moved_bytes(instr: _Instr, symbols: dict, comps: dict) -> float:
   """HBM bytes an unfused instruction reads and writes: its operands and result, except that slicing
   a big buffer (directly or inside a fusion) moves only the slice, as XLA's cost analysis counts it."""
   ops = instr.operands()
+  if instr.opcode.endswith("-done"):  # an async pair's traffic is counted at its start
+    return 0.0
+  if instr.opcode.endswith("-start"):
+    # (operands, results[, context]) for a copy, slice or collective: it writes its results and reads
+    # as much (a gather reads less); counting the whole tuple would count the source buffer too.
+    data = [(d, dims) for d, dims in arrays(instr.shape) if dims]
+    written = data[len(data) // 2:] if len(data) > 1 else data
+    return 2.0 * sum(_DTYPE_BYTES.get(d, 1) * math.prod(dims) for d, dims in written)
   if instr.opcode == "dynamic-slice":
     return 2 * shape_bytes(instr.shape)
   if instr.opcode == "dynamic-update-slice" and len(ops) > 1:
