@@ -245,6 +245,30 @@ ENTRY %main () -> f32[64,8] {
   assert hlo_stats.analyse(hlo)["extra_bytes"] == expected
 
 
+def test_a_collective_split_over_fusions_counts_once():
+  """The TPU compiler can split one all-gather over an async collective fusion's start, the compute
+  fusions that carry it on and its done, each holding the op under the same channel_id: one
+  gather of the weight, however many pieces; two gathers with their own channels count twice."""
+  pieces = "\n".join(f"""
+%piece{k} (w{k}: bf16[2,8]) -> bf16[16,8] {{
+  %w{k} = bf16[2,8]{{1,0}} parameter(0)
+  ROOT %ag{k} = bf16[16,8]{{1,0}} all-gather(%w{k}), channel_id=7, replica_groups={{}}, dimensions={{0}}
+}}""" for k in range(3))
+  hlo = f"""HloModule m, entry_computation_layout={{()->bf16[16,8]}}
+{pieces}
+
+ENTRY %main () -> bf16[16,8] {{
+  %w = bf16[2,8]{{1,0}} constant({{...}})
+  %start = bf16[16,8]{{1,0}} fusion(%w), kind=kCustom, calls=%piece0
+  %carry = bf16[16,8]{{1,0}} fusion(%w), kind=kCustom, calls=%piece1
+  %done = bf16[16,8]{{1,0}} fusion(%w), kind=kCustom, calls=%piece2
+  %a = bf16[16,8]{{1,0}} all-gather(%w), channel_id=8, replica_groups={{}}, dimensions={{0}}
+  ROOT %b = bf16[16,8]{{1,0}} all-gather(%w), channel_id=9, replica_groups={{}}, dimensions={{0}}
+}}
+"""
+  assert hlo_stats.analyse(hlo)["collective_bytes"]["all-gather"] == 3 * 16 * 8 * 2
+
+
 def test_fit_batch_solves_the_affine_memory_line(monkeypatch, tmp_path):
   """fit_batch on a stand-in compiler whose per-chip memory is exactly a + b * per-chip batch: the
   answer is the largest batch under HBM, from the two fit points and one check; a known point is

@@ -346,6 +346,10 @@ def analyse(text: str) -> dict:
   comps, entry = parse_module(text)
   mult, fused, unknown = multipliers(comps, entry)
   collective = collections.Counter({kind: 0.0 for kind in COLLECTIVES})
+  # The TPU compiler splits some collectives over several fusions (an async collective fusion: the
+  # start, compute fusions that carry it on, the done), each holding a copy of the op under the same
+  # channel_id: one collective, counted once.
+  split_collectives = {}
   extra_flops = extra_bytes = 0.0
   for name, times in mult.items():
     instrs, symbols = comps[name]
@@ -357,12 +361,19 @@ def analyse(text: str) -> dict:
           # (operands, results[, contexts]): the results are the second half of the arrays
           data = [s for s in shapes if s[1]]
           shapes = data[len(data) // 2:]
-        collective[kind] += times * sum(_DTYPE_BYTES.get(d, 1) * math.prod(s) for d, s in shapes)
+        moved = times * sum(_DTYPE_BYTES.get(d, 1) * math.prod(s) for d, s in shapes)
+        channel = instr.attr("channel_id")
+        if name in fused and channel is not None:
+          split_collectives[(kind, channel)] = max(split_collectives.get((kind, channel), 0.0), moved)
+        else:
+          collective[kind] += moved
       if times > 1:
         if instr.opcode in ("dot", "convolution"):
           extra_flops += (times - 1) * _dot_flops(instr, symbols)
         if name not in fused and instr.opcode not in _FREE:
           extra_bytes += (times - 1) * _moved_bytes(instr, symbols, comps)
+  for (kind, _), moved in split_collectives.items():
+    collective[kind] += moved
   return {"collective_bytes": dict(collective), "extra_flops": extra_flops, "extra_bytes": extra_bytes,
           "unknown_loops": unknown}
 
