@@ -31,6 +31,13 @@ def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
   return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(shape)]
 
 
+def async_results(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  """The arrays an async X-start produces: its shape is (operands, results[, contexts]), the results
+  the second half of the data arrays (contexts are scalars)."""
+  data = [(d, dims) for d, dims in arrays(shape) if dims]
+  return data[len(data) // 2:]
+
+
 def shape_bytes(shape: str) -> float:
   return sum(_DTYPE_BYTES.get(d, 1) * math.prod(dims) for d, dims in arrays(shape))
 
@@ -114,21 +121,16 @@ def _tuple_index(instr: _Instr | None, defs: dict) -> int | None:
   return int(instr.attr("index"))
 
 
-def _through_fusion(instr: _Instr | None, comps: dict) -> _Instr | None:
-  """A fusion that only wraps one op of its parameters (as the CPU backend wraps a loop's add and
-  compare) as that op applied to the fusion's operands; any other instruction as it is."""
-  if instr is None or instr.opcode != "fusion" or instr.attr("calls") not in comps:
-    return instr
-  body = comps[instr.attr("calls")][0]
-  params, root = _param_names(body), body[-1] if body else None
-  if root is None or root.opcode == "parameter":
-    return instr
-  position = {name: k for k, name in params.items()}
-  if any(o not in position for o in root.operands()):
-    return instr
-  operands = instr.operands()
-  return _Instr(root.name, root.shape, root.opcode,
-                ", ".join("%" + operands[position[o]] for o in root.operands()) + "), " + root.rest.split("), ", 1)[-1])
+def _unwrapped(instr: _Instr, comps: dict) -> tuple[_Instr, list[str]]:
+  """(op, its operands' names where instr stands): a fusion that only wraps one op of its parameters
+  (as the CPU backend wraps a loop's add and compare) gives that op; any other instruction itself."""
+  if instr.opcode == "fusion" and instr.attr("calls") in comps and comps[instr.attr("calls")][0]:
+    body = comps[instr.attr("calls")][0]
+    position = {name: k for k, name in _param_names(body).items()}
+    root = body[-1]
+    if root.opcode != "parameter" and all(o in position for o in root.operands()):
+      return root, [instr.operands()[position[o]] for o in root.operands()]
+  return instr, instr.operands()
 
 
 def _counted_trips(comps: dict, loop: _Instr, caller: list) -> int | None:
@@ -143,11 +145,11 @@ def _counted_trips(comps: dict, loop: _Instr, caller: list) -> int | None:
   if not cond or not body or not cond[0] or not body[0]:
     return None
   cond_defs = {i.name: i for i in cond[0]}
-  root = _through_fusion(cond[0][-1], comps)
-  if root.opcode != "compare" or len(root.operands()) != 2:
+  root, root_operands = _unwrapped(cond[0][-1], comps)
+  if root.opcode != "compare" or len(root_operands) != 2:
     return None
   direction = root.attr("direction")
-  lhs, rhs = (cond_defs.get(o) for o in root.operands())
+  lhs, rhs = (cond_defs.get(o) for o in root_operands)
   if _tuple_index(rhs, cond_defs) is not None and _constant(lhs) is not None:  # limit > counter
     lhs, rhs = rhs, lhs
     direction = {"GT": "LT", "GE": "LE"}.get(direction)
@@ -158,10 +160,12 @@ def _counted_trips(comps: dict, loop: _Instr, caller: list) -> int | None:
   out = body[0][-1]
   if out.opcode != "tuple" or k >= len(out.operands()):
     return None
-  update = _through_fusion(body_defs.get(out.operands()[k]), comps)
-  if update is None or update.opcode != "add":
+  if out.operands()[k] not in body_defs:
     return None
-  terms = [body_defs.get(o) for o in update.operands()]
+  update, update_operands = _unwrapped(body_defs[out.operands()[k]], comps)
+  if update.opcode != "add":
+    return None
+  terms = [body_defs.get(o) for o in update_operands]
   counter = [t for t in terms if _tuple_index(t, body_defs) == k]
   steps = [_constant(t) for t in terms if _tuple_index(t, body_defs) != k]
   if len(counter) != 1 or len(steps) != 1 or not steps[0] or steps[0] < 0:
@@ -296,11 +300,9 @@ def _moved_bytes(instr: _Instr, symbols: dict, comps: dict) -> float:
   if instr.opcode.endswith("-done"):  # an async pair's traffic is counted at its start
     return 0.0
   if instr.opcode.endswith("-start"):
-    # (operands, results[, context]) for a copy, slice or collective: it writes its results and reads
-    # as much (a gather reads less); counting the whole tuple would count the source buffer too.
-    data = [(d, dims) for d, dims in arrays(instr.shape) if dims]
-    written = data[len(data) // 2:] if len(data) > 1 else data
-    return 2.0 * sum(_DTYPE_BYTES.get(d, 1) * math.prod(dims) for d, dims in written)
+    # A copy, slice or collective writes its results and reads as much (a gather reads less); its
+    # whole tuple would count the source buffer too.
+    return 2.0 * sum(_DTYPE_BYTES.get(d, 1) * math.prod(dims) for d, dims in async_results(instr.shape))
   if instr.opcode == "dynamic-slice":
     return 2 * shape_bytes(instr.shape)
   if instr.opcode == "dynamic-update-slice" and len(ops) > 1:
@@ -358,9 +360,7 @@ def analyse(text: str) -> dict:
       if kind in COLLECTIVES and not instr.opcode.endswith("-done"):
         shapes = arrays(instr.shape)
         if instr.opcode.endswith("-start") and kind in ("all-gather", "collective-permute"):
-          # (operands, results[, contexts]): the results are the second half of the arrays
-          data = [s for s in shapes if s[1]]
-          shapes = data[len(data) // 2:]
+          shapes = async_results(instr.shape)
         moved = times * sum(_DTYPE_BYTES.get(d, 1) * math.prod(s) for d, s in shapes)
         channel = instr.attr("channel_id")
         if name in fused and channel is not None:
