@@ -133,7 +133,7 @@ def _unwrapped(instr: _Instr, comps: dict) -> tuple[_Instr, list[str]]:
   return instr, instr.operands()
 
 
-def _counted_trips(comps: dict, loop: _Instr, caller: list) -> int | None:
+def _counted_trips(comps: dict, loop: _Instr, caller_defs: dict) -> int | None:
   """Trips of a loop whose condition compares a tuple element with a constant and whose body adds a
   constant to it: ceil((limit - start) / step). XLA's windowed einsums count 0, 2, 4, ... (two ring
   steps per trip), where the limit alone would double their count. XLA's own count where it states
@@ -170,7 +170,6 @@ def _counted_trips(comps: dict, loop: _Instr, caller: list) -> int | None:
   steps = [_constant(t) for t in terms if _tuple_index(t, body_defs) != k]
   if len(counter) != 1 or len(steps) != 1 or not steps[0] or steps[0] < 0:
     return None
-  caller_defs = {i.name: i for i in caller}
   init = caller_defs.get(loop.operands()[0]) if loop.operands() else None
   start = None
   if init is not None and init.opcode == "tuple" and k < len(init.operands()):
@@ -189,10 +188,12 @@ def multipliers(comps: dict, entry: str) -> tuple[dict, set, list]:
   todo = [entry]
   while todo:
     name = todo.pop()
-    for instr in comps.get(name, ([], {}))[0]:
+    instrs = comps.get(name, ([], {}))[0]
+    defs = {i.name: i for i in instrs} if any(i.opcode == "while" for i in instrs) else {}
+    for instr in instrs:
       children = []
       if instr.opcode == "while":
-        trips = _counted_trips(comps, instr, comps[name][0])
+        trips = _counted_trips(comps, instr, defs)
         if trips is None:
           trips = _largest_constant(comps, instr.attr("condition"))
         if trips is None:
