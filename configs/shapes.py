@@ -17,18 +17,21 @@ import ml_collections
 
 from configs import common
 
-BATCH_SIZE = {"clip": 64, "prior": 64, "ar_prior": 64, "decoder": 16, "sr1": 16, "sr2": 16}
-TOTAL_STEPS = {"clip": 3000, "prior": 1500, "ar_prior": 3000, "decoder": 12000, "sr1": 600, "sr2": 500}
+BATCH_SIZE = {"clip": 64, "prior": 64, "ar_prior": 64, "decoder": 32, "sr1": 16, "sr2": 16}
+TOTAL_STEPS = {"clip": 3000, "prior": 1500, "ar_prior": 3000, "decoder": 10500, "sr1": 2400, "sr2": 500}
 # The demo checkpoint's recommended sampling settings (pipeline.json "options"; StageOptions fields):
 # the fastest setting of benchmarks/time_to_quality.py's table that matched the earlier 25 / 25 / 10 / 10
-# steps on R-precision, colour and relation at 35% of their time (docs/benchmarks.md, "Time to quality").
+# steps on R-precision, colour and relation at 35% of their time (docs/benchmarks.md, "Time to quality"),
+# with the decoder since raised to 25 steps for shape.
 SAMPLING_OPTIONS = {
     "prior": dict(num_steps=10, sampler="dpmpp_2m", spacing="logsnr", guidance_scale=2.0, clip_range=5.0),
     # (sample.py --prior ar; its steps are its codes) guidance 1.5 scored best of 1, 1.5, 2 and 4 on 48
     # held-out captions; at 4 the guided logits over 1,024 fine buckets collapse (docs/benchmarks.md).
     "ar_prior": dict(guidance_scale=1.5),
-    # DDPM: the decoder lost R-precision under DPM-Solver++ (0.88 at 15 steps against 0.94).
-    "decoder": dict(num_steps=10, sampler="ddpm", guidance_scale=3.0),
+    # DDPM: the decoder lost R-precision under DPM-Solver++ (0.88 at 15 steps against 0.94). 25 steps
+    # drew the right shapes more often than 10 (0.59 against 0.50) or 50; guidance 5 lost shape
+    # (0.29), 2 relation (0.87) (docs/benchmarks.md, "Shapes demo quality").
+    "decoder": dict(num_steps=25, sampler="ddpm", guidance_scale=3.0),
     "sr1": dict(num_steps=3, sampler="ddim"),
     "sr2": dict(num_steps=3, sampler="ddim"),
 }
@@ -87,6 +90,9 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000,
                                                  variance_type="learned_range"))
     c.p_drop_image, c.p_drop_text = 0.1, 0.5
+    # Min-SNR-gamma weighting (Hang et al. 2023) of the eps loss: the low-noise steps, which only polish
+    # pixels, stop dominating the gradient, and relations and shapes are learned in fewer steps.
+    c.min_snr_gamma = 5.0
     c.sample_steps, c.guidance_scale = (4 if tiny else 25), 3.0
     c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   elif stage in ("sr1", "sr2"):
@@ -110,8 +116,8 @@ def get_config(arg: str = "clip") -> ml_collections.ConfigDict:
     c.optim.update(learning_rate=1e-3 if tiny else 3e-4, warmup_steps=0 if tiny else 200)
   else:
     raise ValueError(f"Unknown stage {stage!r} for configs/shapes.py.")
-  # Steps sized so that the five stages train in about 2 h on a 2-core CPU (docs/training.md). The
-  # decoder's steps are what the demo's quality hangs on; a decoder batch of 32 is better (+45 min).
+  # Steps sized so that each stage trains in at most 100 minutes on a 2-core CPU, data-parallel over its
+  # cores (docs/training.md). The decoder's batch and steps are what the demo's quality hangs on.
   c.batch_size = 8 if tiny else BATCH_SIZE[stage]
   c.total_steps = 2 if tiny else TOTAL_STEPS[stage]
   c.ema_decay = 0.999  # these runs are a few thousand steps; the paper's 0.9999 would barely move

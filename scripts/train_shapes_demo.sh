@@ -2,7 +2,7 @@
 # Trains the whole Shapes-world unCLIP stack in order (CLIP first: the prior and
 # the decoder read its export) and assembles the inference checkpoint sample.py uses.
 #
-#   scripts/train_shapes_demo.sh                      # about 2 h on a 2-core CPU
+#   scripts/train_shapes_demo.sh                      # under 4 h on a 2-core CPU
 #   scripts/train_shapes_demo.sh tiny /tmp/runs /tmp/demo   # two steps per stage (a smoke test)
 #
 # Arguments: [full|tiny] [RUNS_DIR=runs/shapes] [CHECKPOINT=assets/shapes_demo].
